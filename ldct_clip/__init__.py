@@ -1,0 +1,3 @@
+"""ldct-clip: low-dose CT denoising with frozen CLIP features, on MONAI."""
+
+__version__ = "0.1.0"
