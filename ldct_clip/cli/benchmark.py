@@ -1,0 +1,160 @@
+"""``ldct-clip benchmark``: our model and classical baselines on low-/normal-dose pairs, with a report.
+
+Argument checking and wiring only: the pairs come from ``ldct_clip.data.datasets.find_pairs`` (the layout
+``ldct-clip evaluate --pairs`` reads), the measurements from ``ldct_clip.benchmark``, the files from
+``ldct_clip.benchmark.write_benchmark_report``. The output folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ldct_clip.errors import InputError, OutputError, WeightsError
+
+METHODS_HELP = "comma-separated: clip (our model, needs --weights), nlm, tv, bm3d (needs `pip install bm3d`)"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="compare the model with classical denoisers (NLM, TV, BM3D) on low-/normal-dose pairs",
+        description=(
+            "Run our model and classical baselines on low-/normal-dose CT pairs and write report.md (PSNR, "
+            "SSIM, RMSE, noise std, seconds per slice), benchmark.csv, summary.json and figures."
+        ),
+    )
+    parser.add_argument(
+        "pairs",
+        type=Path,
+        help="pairs folder, as for `ldct-clip evaluate --pairs`: {patient}/low/ + {patient}/full/ (DICOM series "
+        "or one NIfTI each), {patient}_low.nii.gz + {patient}_full.nii.gz, or Mayo {patient}_{slice}_input|target.npy",
+    )
+    parser.add_argument("--methods", default="clip,nlm,tv", help=f"{METHODS_HELP} (default: clip,nlm,tv)")
+    parser.add_argument("--weights", type=Path, default=None, help="model checkpoint (.pt), needed for clip")
+    parser.add_argument(
+        "--protocol",
+        default="paper",
+        choices=("paper", "redcnn", "ldctbench"),
+        help="metric protocol of ldct_clip.metrics (default: paper)",
+    )
+    parser.add_argument(
+        "--anatomy",
+        default="abdomen",
+        choices=("chest", "abdomen", "head"),
+        help="window of the ldctbench protocol (default: abdomen)",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="folder to create for the report")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--max-slices",
+        type=int,
+        default=None,
+        help="at most N slices per patient, evenly spaced (default: all)",
+    )
+    parser.add_argument(
+        "--noise-estimator",
+        default="flat",
+        choices=("flat", "wavelet"),
+        help="how the baselines estimate each slice's noise: flat (std in the flattest windows, right for "
+        "correlated CT noise; default) or wavelet (scikit-image estimate_sigma, right for white noise)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    from ldct_clip.baselines import get_baseline
+    from ldct_clip.benchmark import parse_methods
+    from ldct_clip.io.atomic import check_output_path
+
+    methods = parse_methods(args.methods)
+    for method in methods:
+        if method != "clip":
+            get_baseline(method, args.noise_estimator)  # bm3d without its package fails here, before any work
+    if "clip" in methods:
+        if args.weights is None:
+            raise WeightsError(
+                "method clip needs the model: pass --weights FILE (from `ldct-clip train` or "
+                "`ldct-clip import-reference`), or leave clip out of --methods"
+            )
+        if not args.weights.is_file():
+            raise WeightsError(f"weights file {args.weights} does not exist; check the path")
+    elif args.weights is not None:
+        print("ldct-clip benchmark: note: --weights is unused: clip is not among --methods", file=sys.stderr)
+    if args.max_slices is not None and args.max_slices < 1:
+        raise InputError(f"--max-slices {args.max_slices} must be at least 1")
+    if not args.pairs.is_dir():
+        raise InputError(f"pairs folder {args.pairs} does not exist or is not a folder")
+    if args.output.exists() and not args.overwrite:
+        raise OutputError(f"output folder {args.output} already exists: choose another or pass --overwrite")
+    # Refused before any work: the output must neither be, contain, nor lie inside the pairs folder.
+    check_output_path(args.pairs, args.output, args.overwrite)
+    return methods
+
+
+def _pairs(pairs: list[dict]):
+    from ldct_clip.data.datasets import load_pair_volumes
+
+    for pair in pairs:
+        low, full, oriented = load_pair_volumes(pair)
+        yield pair["patient"], low, full, oriented
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldct_clip.benchmark import run_benchmark, write_benchmark_report
+    from ldct_clip.data.datasets import find_pairs
+    from ldct_clip.io.atomic import atomic_output
+
+    methods = _check_args(args)
+    pairs = find_pairs(args.pairs)
+    denoiser = None
+    if "clip" in methods:
+        from ldct_clip.inference import ORIENTATION, denoise_volume, load_denoiser, resolve_device
+
+        device = resolve_device(args.device)
+        model = load_denoiser(args.weights, device=device)
+
+        def denoiser(volume, oriented: bool):
+            return denoise_volume(
+                volume, model, device=device, axcodes=None if oriented else ORIENTATION, progress=False
+            )
+
+    result = run_benchmark(
+        _pairs(pairs),
+        methods,
+        protocol=args.protocol,
+        denoiser=denoiser,
+        max_slices=args.max_slices,
+        progress=not args.no_progress,
+        n_patients=len(pairs),
+        noise_estimator=args.noise_estimator,
+        anatomy=args.anatomy,
+    )
+    command = "ldct-clip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    with atomic_output(args.output, overwrite=args.overwrite, is_dir=True) as staging:
+        write_benchmark_report(result, staging, source=str(args.pairs), command=command)
+    _print_table(result)
+    print(f"report: {args.output / 'report.md'}")
+    return 0
+
+
+def _print_table(result) -> None:
+    import math
+
+    from ldct_clip.benchmark import LOW_DOSE, METHOD_LABELS
+
+    def cell(value: float, width: int, digits: int) -> str:
+        return f"{value:>{width}.{digits}f}" if math.isfinite(value) else f"{'-':>{width}}"
+
+    summary = result.summary()
+    print(f"{'method':<16}{'PSNR':>9}{'SSIM':>9}{'RMSE HU':>10}{'noise HU':>10}{'s/slice':>9}")
+    for method in (LOW_DOSE, *result.methods):
+        s = summary[method]
+        print(
+            f"{METHOD_LABELS.get(method, method):<16}{cell(s['psnr'], 9, 2)}{cell(s['ssim'], 9, 4)}"
+            f"{cell(s['rmse_hu'], 10, 1)}{cell(s['noise_std_hu'], 10, 1)}{cell(s['seconds'], 9, 3)}"
+        )
