@@ -1,0 +1,284 @@
+"""``load_ct``: any CT volume a user has (DICOM folder or file, enhanced multi-frame, NIfTI, .mha/.nrrd) in HU.
+
+The result is always a MONAI ``MetaTensor`` of shape ``(1, X, Y, Z)``, float32 Hounsfield units, with
+the affine in MONAI's RAS convention and metadata (``source_path``, ``source_kind``, ``series_uid``...)
+that the writers use to find their way back to the source.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import NibabelReader
+from monai.transforms import LoadImage
+from tqdm.auto import tqdm
+
+from ldct_clip.errors import InputError
+from ldct_clip.io.dicom_series import (
+    DicomSeries,
+    SliceHeader,
+    is_dicom_file,
+    lps_to_ras,
+    order_along_normal,
+    read_header,
+    rescale_of,
+    select_series,
+    sorted_series_geometry,
+)
+
+__all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "load_ct"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None, allow_non_ct: bool = False) -> MetaTensor:
+    """Load a CT volume in Hounsfield units.
+
+    Args:
+        path: a folder of DICOM files (searched recursively, grouped by SeriesInstanceUID), a single DICOM
+            file (classic or enhanced multi-frame), a NIfTI file (.nii/.nii.gz) or an ITK file (.mha/.nrrd).
+        series_uid: which series to load when the folder holds several CT series.
+        allow_non_ct: accept DICOM images whose Modality is not CT (MR, ...): values are then the
+            modality's rescaled values (identity when it has no rescale), not HU.
+
+    Returns:
+        ``MetaTensor`` ``(1, X, Y, Z)`` float32 with a RAS affine. For DICOM, X follows the image columns,
+        Y the rows and Z increases along the slice normal (slices ordered by position, not InstanceNumber).
+
+    Raises:
+        InputError: with one line saying what is wrong with the input and how to fix it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        series = select_series(path, series_uid, allow_non_ct)
+        if len(series.headers) == 1 and series.headers[0].is_multiframe:
+            return _load_multiframe(series.headers[0], path, allow_non_ct)
+        return _load_classic_series(series, path)
+    if _has_suffix(path, NIFTI_SUFFIXES):
+        return _load_nifti(path)
+    if _has_suffix(path, ITK_SUFFIXES):
+        return _load_itk(path)
+    if is_dicom_file(path):
+        header = SliceHeader(path, read_header(path))
+        if series_uid is not None and str(header.dataset.get("SeriesInstanceUID", "")) != series_uid:
+            raise InputError(
+                f"{path} belongs to series {header.dataset.get('SeriesInstanceUID')}, not {series_uid}"
+            )
+        series = select_series(path, None, allow_non_ct)
+        if header.is_multiframe:
+            return _load_multiframe(header, path, allow_non_ct)
+        return _load_classic_series(series, path)
+    raise InputError(
+        f"{path} is neither DICOM (no 'DICM' preamble) nor NIfTI (.nii/.nii.gz) nor ITK (.mha/.nrrd); "
+        "convert it to one of those"
+    )
+
+
+def _decode(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    try:
+        ds = pydicom.dcmread(path)
+        return ds, ds.pixel_array
+    except (
+        Exception
+    ) as e:  # decoders raise many types (ValueError, RuntimeError, their own): all mean unreadable
+        raise InputError(
+            f"cannot decode the pixel data of {path}: {str(e).strip().splitlines()[0]}; "
+            "the file is truncated or corrupt, or its transfer syntax needs a missing decoder plugin"
+        ) from e
+
+
+def _finish(volume: np.ndarray, affine_lps: np.ndarray, source: Path, kind: str, meta: dict) -> MetaTensor:
+    if not np.isfinite(volume).all():
+        bad = int((~np.isfinite(volume)).sum())
+        raise InputError(f"{source} contains {bad} NaN/Inf voxels; fix or re-export the volume")
+    affine = lps_to_ras(affine_lps)
+    meta = {
+        "filename_or_obj": str(source),
+        "source_path": str(source.resolve()),
+        "source_kind": kind,
+        "original_affine": affine.copy(),
+        "spatial_shape": np.asarray(volume.shape),
+        "space": "RAS",
+        "original_channel_dim": "no_channel",
+        **meta,
+    }
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)[None])
+    return MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
+def _dicom_meta(series_ds: pydicom.Dataset, n: int) -> dict:
+    return {
+        "series_uid": str(series_ds.get("SeriesInstanceUID", "")),
+        "study_uid": str(series_ds.get("StudyInstanceUID", "")),
+        "series_description": str(series_ds.get("SeriesDescription", "")),
+        "modality": str(series_ds.get("Modality", "")),
+        "n_slices": n,
+    }
+
+
+def _load_classic_series(series: DicomSeries, source: Path) -> MetaTensor:
+    geometry = sorted_series_geometry(series)
+    n = len(geometry.headers)
+    volume = np.empty(geometry.shape, dtype=np.float32)
+    require_rescale = series.modality == "CT"
+    for k, header in enumerate(tqdm(geometry.headers, desc="reading DICOM", unit="slice", disable=n < 64)):
+        slope, intercept = rescale_of(header.dataset, header.path, require_rescale)
+        _, pixels = _decode(header.path)
+        if pixels.shape != (geometry.rows, geometry.columns):
+            raise InputError(
+                f"{header.path} decodes to shape {pixels.shape}, expected ({geometry.rows}, {geometry.columns}); "
+                "the file is corrupt or multi-channel"
+            )
+        volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+    return _finish(volume, geometry.affine_lps, source, "dicom", _dicom_meta(geometry.headers[0].dataset, n))
+
+
+def _frame_item(ds: pydicom.Dataset, index: int, sequence: str):
+    """The functional group ``sequence`` of frame ``index``: per-frame if present there, else shared."""
+    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
+        if not groups:
+            continue
+        group = groups[index] if groups is ds.get("PerFrameFunctionalGroupsSequence") else groups[0]
+        if sequence in group and len(group[sequence].value):
+            return group[sequence].value[0]
+    return None
+
+
+def _load_multiframe(header: SliceHeader, source: Path, allow_non_ct: bool) -> MetaTensor:
+    """Enhanced (multi-frame) CT: geometry and rescale live in the per-frame/shared functional groups."""
+    ds, pixels = _decode(header.path)
+    path = header.path
+    if str(ds.get("Modality", "")) != "CT" and not allow_non_ct:
+        raise InputError(
+            f"{path} is not CT (Modality {ds.get('Modality')}); pass allow_non_ct=True to load it anyway"
+        )
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp != 1:
+        raise InputError(
+            f"{path} has {spp} samples per pixel (colour/multi-channel); CT volumes need one channel"
+        )
+    frames = header.frames
+    pixels = pixels.reshape(frames, int(ds.Rows), int(ds.Columns))
+    positions, slopes, intercepts = [], [], []
+    iop0 = spacing = None
+    thickness = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+    has_geometry = all(
+        _frame_item(ds, i, name) is not None
+        for i in range(frames)
+        for name in ("PlaneOrientationSequence", "PixelMeasuresSequence", "PlanePositionSequence")
+    )
+    if not has_geometry:
+        # Stripped or non-conformant files: keep the frames in file order at 1 mm rather than refuse them.
+        warnings.warn(
+            f"{path} has no per-frame plane geometry; stacking frames in file order, 1 mm pixels, axial",
+            UserWarning,
+            stacklevel=3,
+        )
+    for i in range(frames):
+        if has_geometry:
+            orient = _frame_item(ds, i, "PlaneOrientationSequence")
+            measures = _frame_item(ds, i, "PixelMeasuresSequence")
+            iop = np.asarray([float(v) for v in orient.ImageOrientationPatient])
+            position = [float(v) for v in _frame_item(ds, i, "PlanePositionSequence").ImagePositionPatient]
+        else:
+            measures = None
+            iop = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+            position = [0.0, 0.0, i * thickness]
+        if iop0 is None:
+            iop0 = iop
+            spacing = (
+                np.asarray([float(v) for v in measures.PixelSpacing]) if measures is not None else np.ones(2)
+            )
+            if measures is not None and measures.get("SliceThickness"):
+                thickness = float(measures.SliceThickness)
+        elif np.abs(iop - iop0).max() > 1e-4:
+            raise InputError(
+                f"image orientation changes between frames of {path}; load one orientation at a time"
+            )
+        positions.append(position)
+        transform = _frame_item(ds, i, "PixelValueTransformationSequence")
+        source_ds = transform if transform is not None else ds
+        slope, intercept = rescale_of(source_ds, path, required=str(ds.get("Modality", "")) == "CT")
+        slopes.append(slope)
+        intercepts.append(intercept)
+    positions = np.asarray(positions)
+    normal = np.cross(iop0[:3], iop0[3:])
+    order, step = order_along_normal(positions, normal, [f"frame {i + 1}" for i in range(frames)], str(path))
+    if step is None:
+        step = normal * thickness
+    volume = np.empty((int(ds.Columns), int(ds.Rows), frames), dtype=np.float32)
+    for k, i in enumerate(order):
+        volume[:, :, k] = (pixels[i].astype(np.float64) * slopes[i] + intercepts[i]).T
+    affine = np.eye(4)
+    affine[:3, 0] = iop0[:3] * spacing[1]
+    affine[:3, 1] = iop0[3:] * spacing[0]
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[order[0]]
+    return _finish(volume, affine, source, "dicom", {**_dicom_meta(ds, frames), "multiframe": True})
+
+
+def _check_dims(shape: tuple[int, ...], path: Path) -> None:
+    if len(shape) > 3:
+        raise InputError(
+            f"{path} is {len(shape)}-D (shape {tuple(shape)}); load_ct takes one 3-D single-channel volume, "
+            "split the time points/channels first"
+        )
+    if len(shape) < 2:
+        raise InputError(f"{path} has shape {tuple(shape)}; expected a 3-D volume")
+
+
+def _load_nifti(path: Path) -> MetaTensor:
+    try:
+        img = LoadImage(reader=NibabelReader(), image_only=True, dtype=np.float32)(str(path))
+    except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors...
+        raise InputError(f"cannot read NIfTI file {path}: {e}; the file is truncated or corrupt") from e
+    shape = tuple(img.shape)
+    # NIfTI stores singleton trailing dimensions (e.g. X, Y, Z, 1); only real extra dimensions are an error.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    _check_dims(shape, path)
+    array = img.numpy().reshape(shape)
+    if array.ndim == 2:
+        array = array[..., None]
+    affine_ras = np.asarray(img.affine, dtype=np.float64)
+    return _finish(array, lps_to_ras(affine_ras), path, "nifti", {})
+
+
+def _load_itk(path: Path) -> MetaTensor:
+    # SimpleITK rather than MONAI's ITKReader: the latter needs the separate, heavy `itk` package.
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InputError(
+            f"cannot read {path}: {str(e).strip().splitlines()[-1]}; the file is truncated or corrupt"
+        ) from e
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel (multi-channel); "
+            "CT volumes need one channel"
+        )
+    _check_dims(tuple(img.GetSize()), path)
+    array = sitk.GetArrayFromImage(img).astype(np.float32).T  # ITK arrays are (z, y, x)
+    dim = img.GetDimension()
+    direction = np.asarray(img.GetDirection()).reshape(dim, dim)
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction @ np.diag(img.GetSpacing())
+    affine[:dim, 3] = img.GetOrigin()
+    if array.ndim == 2:
+        array = array[..., None]
+    return _finish(array, affine, path, "itk", {})
