@@ -13,6 +13,7 @@ from monai.transforms import Orientation
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 
 import ldct_clip
+from ldct_clip.cli import main
 from ldct_clip.data.phantom import make_phantom, write_phantom_dicom
 from ldct_clip.errors import OutputError
 from ldct_clip.io import (
@@ -104,6 +105,82 @@ def test_description_series_number_and_model_name(tmp_path, source, denoised):
     ds = pydicom.dcmread(next(out.iterdir()))
     assert (ds.SeriesDescription, ds.SeriesNumber) == ("Custom", 42)
     assert ds.DerivationDescription.startswith("Denoised by MyNet")
+
+
+def test_derivation_and_description_suffix_for_non_denoised_series(tmp_path, source, denoised):
+    out = save_dicom_series(
+        denoised,
+        source,
+        tmp_path / "low",
+        description_suffix=" [simulated 0.25 dose]",
+        derivation="Simulated 0.25 dose (projection-domain noise insertion) by test",
+    )
+    for path in out.iterdir():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.SeriesDescription == "Phantom seed 2 [simulated 0.25 dose]"
+        assert ds.DerivationDescription == "Simulated 0.25 dose (projection-domain noise insertion) by test"
+    # An explicit description is the whole text: no suffix is added to it.
+    out = save_dicom_series(denoised, source, tmp_path / "full", description="CT [simulated 0.25 dose]")
+    assert pydicom.dcmread(next(out.iterdir())).SeriesDescription == "CT [simulated 0.25 dose]"
+
+
+def test_long_source_description_keeps_the_suffix(tmp_path, denoised):
+    source = write_phantom_dicom(
+        tmp_path / "long", size=SMALL, slices=SLICES, seed=2, SeriesDescription="A" * 64
+    )
+    out = save_dicom_series(load_ct(source), source, tmp_path / "den")
+    assert pydicom.dcmread(next(out.iterdir())).SeriesDescription == "A" * 53 + " [denoised]"  # LO: 64
+
+
+def test_simulate_cli_writes_simulated_not_denoised_descriptions(tmp_path):
+    source = write_phantom_dicom(tmp_path / "normal", size=SMALL, slices=2, spacing=(6.0, 6.0, 3.0))
+    argv = ["simulate", str(source), str(tmp_path / "low"), "--dose", "0.25", "--views", "32"]
+    assert main([*argv, "--workers", "1", "--no-progress", "--seed", "3"]) == 0
+    ds = pydicom.dcmread(next((tmp_path / "low").iterdir()), stop_before_pixels=True)
+    assert ds.SeriesDescription == "Phantom seed 0 [simulated 0.25 dose]"
+    assert ds.DerivationDescription.startswith("Simulated 0.25 dose (projection-domain noise insertion, ")
+    assert ds.DerivationDescription.endswith(f"seed 3) by ldct-clip {ldct_clip.__version__} simulate")
+    assert "enoised" not in ds.SeriesDescription + ds.DerivationDescription
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({"BodyPartExamined": "PARTIALBODY"}, ""),  # non-standard term (Siemens clinical series): unknown
+        ({"BodyPartExamined": None}, ""),  # anonymised away: a paired structure cannot be ruled out
+        ({"BodyPartExamined": "KIDNEY"}, ""),  # paired, side not given by the source: empty = unknown
+        ({"BodyPartExamined": "KIDNEY", "Laterality": "L"}, "L"),  # the source's own value is kept
+        ({"BodyPartExamined": "ABDOMEN"}, None),  # unpaired: Laterality must stay absent
+    ],
+)
+def test_laterality_type_2c_passes_dciodvfy(tmp_path, tags, expected):
+    source = write_phantom_dicom(tmp_path / "src", size=SMALL, slices=2, seed=1, **tags)
+    out = save_dicom_series(load_ct(source), source, tmp_path / "den")
+    last = sorted(out.iterdir())[-1]
+    ds = pydicom.dcmread(last)
+    assert ds.get("Laterality") == expected
+    assert dciodvfy_errors(last) == []
+    if expected == "":
+        # Without it dciodvfy reports the clinical series' error: the condition is really taken as met.
+        del ds.Laterality
+        ds.save_as(tmp_path / "without.dcm")
+        assert dciodvfy_errors(tmp_path / "without.dcm") == [
+            "Error - Missing attribute Type 2C Conditional Element=<Laterality> Module=<GeneralSeries>"
+        ]
+
+
+def test_unpaired_body_parts_agree_with_dciodvfy(tmp_path, source, denoised):
+    out = save_dicom_series(denoised, source, tmp_path / "den")
+    ds = pydicom.dcmread(next(out.iterdir()))
+    others = ["PARTIALBODY", "KIDNEY", "LUNG", "KNEE", "BREAST", "EYE", "ADRENAL"]
+    for term in [*sorted(dicom_writer.UNPAIRED_BODY_PARTS), *others]:
+        ds.BodyPartExamined = term
+        if "Laterality" in ds:
+            del ds.Laterality
+        dicom_writer._complete_laterality(ds)
+        assert ("Laterality" in ds) == (term in others), term
+        ds.save_as(tmp_path / "term.dcm")
+        assert dciodvfy_errors(tmp_path / "term.dcm") == [], term
 
 
 def test_values_clipped_to_int16(tmp_path, source, denoised):

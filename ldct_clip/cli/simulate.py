@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+import ldct_clip
 from ldct_clip.errors import InputError
 from ldct_clip.simulation import (
     DEFAULT_ELECTRONIC_NOISE,
@@ -214,14 +215,16 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     if "dicom" in targets:
-        original = str(volume.meta.get("series_description") or "CT")
         save_dicom_series(
             low,
             volume.meta["source_path"],
             targets["dicom"],
-            description=f"{original} [simulated {args.dose:g} dose]"[-64:],  # LO: 64 characters at most
             overwrite=args.overwrite,
-            model_name=f"ldct-clip simulate (dose {args.dose:g}, {photons:.3g} photons, seed {args.seed})",
+            description_suffix=f" [simulated {args.dose:g} dose]",
+            derivation=(
+                f"Simulated {args.dose:g} dose (projection-domain noise insertion, {photons:.3g} photons, "
+                f"seed {args.seed}) by ldct-clip {ldct_clip.__version__} simulate"
+            ),
         )
     if "nifti" in targets:
         targets["nifti"].parent.mkdir(parents=True, exist_ok=True)

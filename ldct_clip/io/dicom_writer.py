@@ -39,12 +39,94 @@ from ldct_clip.io.dicom_series import (
     sorted_series_geometry,
 )
 
-__all__ = ["SERIES_NUMBER_OFFSET", "encode_pixels", "save_dicom_series", "write_dataset"]
+__all__ = [
+    "DENOISED_SUFFIX",
+    "SERIES_NUMBER_OFFSET",
+    "UNPAIRED_BODY_PARTS",
+    "encode_pixels",
+    "save_dicom_series",
+    "write_dataset",
+]
 
 # Derived series number = source series number + this offset: visibly related, never colliding with
 # the handful of series a scanner numbers 1..999 in one study.
 SERIES_NUMBER_OFFSET = 1000
 INT16_MIN, INT16_MAX = -32768, 32767
+#: Appended to the source's SeriesDescription when no description is given.
+DENOISED_SUFFIX = " [denoised]"
+_LO_MAX = 64  # SeriesDescription is LO: 64 characters at most
+
+#: Body Part Examined (0018,0015) defined terms of unpaired structures: exactly those for which dciodvfy
+#: (dicom3tools, following PS3.16 Annex L) finds General Series Laterality (0020,0060) not required, found by
+#: running it over every term it knows. Anything else (absent, empty, paired, or a non-standard term such
+#: as "PARTIALBODY") may be a paired structure.
+UNPAIRED_BODY_PARTS = frozenset(
+    [
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "BACK",
+        "BLADDER",
+        "BRAIN",
+        "CEREBELLUM",
+        "CERVIX",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "COCCYX",
+        "COLON",
+        "CORONARYARTERY",
+        "CSPINE",
+        "CTSPINE",
+        "DUODENUM",
+        "ESOPHAGUS",
+        "FACE",
+        "GALLBLADDER",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "ILEUM",
+        "ILIUM",
+        "JEJUNUM",
+        "LARYNX",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "MAXILLA",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "PANCREAS",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "SSPINE",
+        "STERNUM",
+        "STOMACH",
+        "THYMUS",
+        "THYROID",
+        "TLSPINE",
+        "TONGUE",
+        "TRACHEA",
+        "TSPINE",
+        "URETER",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+        "WHOLEBODY",
+    ]
+)
 
 # Elements of the source header that describe its pixel data or encoding and are rewritten or dropped.
 _DROPPED = (
@@ -135,12 +217,15 @@ def _derived_dataset(
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
-    ds.SeriesDescription = description[:64]
+    ds.SeriesDescription = description[:_LO_MAX]
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
     kept = [str(v) for v in source.get("ImageType", [])][2:] or ["AXIAL"]
     ds.ImageType = ["DERIVED", "SECONDARY", *kept]
-    ds.DerivationDescription = derivation[:1024]
+    ds.DerivationDescription = derivation[:1024]  # ST: 1024 characters at most
+    # No DerivationCodeSequence: CID 7203 "Image Derivation" has no code for learned denoising or for
+    # simulated noise insertion, and a near miss (113087 "Smoothing") would misinform; the text says it.
+    _complete_laterality(ds)
     reference = Dataset()
     reference.ReferencedSOPClassUID = _uid(source, "SOPClassUID", "MediaStorageSOPClassUID") or CTImageStorage
     source_instance = _uid(source, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
@@ -148,6 +233,33 @@ def _derived_dataset(
         reference.ReferencedSOPInstanceUID = source_instance
         ds.SourceImageSequence = Sequence([reference])
     return ds
+
+
+def _complete_laterality(ds: Dataset) -> None:
+    """Add an empty Laterality where the General Series module may require it and the source gave none.
+
+    Laterality (0020,0060) is Type 2C, "required if the body part examined is a paired structure and Image
+    Laterality, Frame Laterality or Measurement Laterality are not present" (PS3.3 C.7.3.1). Anonymised or
+    vendor-tagged sources often omit it while their Body Part Examined is absent or a non-standard term
+    (e.g. "PARTIALBODY"), so the condition cannot be ruled out: the derived series then carries it empty,
+    which for a Type 2 attribute means "unknown", the truth for us (the side is not ours to invent). Where the
+    condition is known to be unmet (a standard unpaired body part) it stays absent, as the standard wants.
+    A source with its own Laterality, Image/Measurement Laterality or coded anatomy (Anatomic Region
+    Sequence, whose pairedness then decides) is left as it is.
+    """
+    if any(
+        k in ds for k in ("Laterality", "ImageLaterality", "MeasurementLaterality", "AnatomicRegionSequence")
+    ):
+        return
+    if str(ds.get("BodyPartExamined", "") or "").strip() in UNPAIRED_BODY_PARTS:
+        return
+    ds.Laterality = ""
+
+
+def _series_description(source_description: str, suffix: str) -> str:
+    """The source's description with ``suffix``; the source part is shortened so the suffix always fits."""
+    suffix = suffix[:_LO_MAX]
+    return (source_description or "CT")[: _LO_MAX - len(suffix)].rstrip() + suffix
 
 
 def save_dicom_series(
@@ -158,6 +270,8 @@ def save_dicom_series(
     overwrite: bool = False,
     model_name: str = "CLIPDenoiser",
     series_number: int | None = None,
+    derivation: str | None = None,
+    description_suffix: str = DENOISED_SUFFIX,
 ) -> Path:
     """Write ``volume`` (HU) as a derived CT series of the DICOM series at ``source``.
 
@@ -167,10 +281,15 @@ def save_dicom_series(
             affine is checked against the source and its ``series_uid`` meta picks the series in ``source``.
         source: folder or file of the DICOM series the volume was loaded from.
         output_dir: folder to create, one file per slice; written atomically, never inside the source.
-        description: SeriesDescription; default: the source's + " [denoised]".
+        description: the full SeriesDescription (nothing is appended; cut to 64 characters); default: the
+            source's description + ``description_suffix``.
         overwrite: replace an existing ``output_dir``.
-        model_name: named in DerivationDescription, with the ldct_clip version.
+        model_name: named in the default DerivationDescription, with the ldct_clip version.
         series_number: SeriesNumber; default: the source's + ``SERIES_NUMBER_OFFSET`` (1000).
+        derivation: the full DerivationDescription, for outputs that are not denoised (e.g. a simulated
+            low-dose series); default: "Denoised by {model_name} with ldct_clip {version}".
+        description_suffix: appended to the source's SeriesDescription when ``description`` is None
+            (default " [denoised]"); the source part is shortened if needed so that the suffix is kept.
 
     Returns:
         the output folder.
@@ -229,8 +348,9 @@ def save_dicom_series(
     if number is None:
         number = int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
     if description is None:
-        description = f"{first.get('SeriesDescription', '') or 'CT'} [denoised]"
-    derivation = f"Denoised by {model_name} with ldct_clip {ldct_clip.__version__}"
+        description = _series_description(str(first.get("SeriesDescription", "") or ""), description_suffix)
+    if derivation is None:
+        derivation = f"Denoised by {model_name} with ldct_clip {ldct_clip.__version__}"
     with atomic_output(output_dir, overwrite=overwrite, is_dir=True) as tmp:
         headers = geometry.headers
         for k, header in enumerate(
