@@ -17,6 +17,13 @@ from ldct_clip.errors import LdctClipError
 COMMAND_MODULES = (
     "info",
     "import_reference",
+    "benchmark",
+    "simulate",
+    "denoise",
+    "train",
+    "evaluate",
+    "robustness",
+    "demo",
 )
 
 

@@ -1,0 +1,228 @@
+"""``ldct-clip train``: train the denoiser with a MONAI bundle's train config.
+
+The command is a thin layer over the bundle: it reads the config files with ``monai.bundle.ConfigParser``,
+turns its options into config overrides, and runs the config's ``initialize``, ``run`` and ``finalize``
+sections, exactly what ``python -m monai.bundle run --config_file ...`` does. So a CLI run and a bundle
+run are one code path, and every config key can also be set with ``--set key=value``.
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m ldct_clip train --config train.json --config
+multi_gpu_train.json ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ldct_clip.errors import InputError, LdctClipError, OutputError
+
+DEFAULT_ITERATIONS = 40000
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the denoiser (MONAI bundle train config, the paper's recipe by default)",
+        description=(
+            "Train the CLIP-feature denoiser on normal-dose CT with the paper's recipe (Gaussian noise "
+            "sigma 5/255, mixup, AdamW, cosine LR, 40k iterations) through a MONAI bundle train config. "
+            "Data: a folder of {patient}_{slice}_target.npy slices (Mayo layout) or of normal-dose DICOM "
+            "series / NIfTI volumes, one patient each."
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="bundle config file(s), later ones override earlier ones (default: the shipped "
+        "lowdose_ct_denoising bundle's configs/train.json)",
+    )
+    parser.add_argument("--data", metavar="DIR", help="training data folder")
+    parser.add_argument("--output", metavar="DIR", help="output folder for checkpoints, logs and model.pt")
+    parser.add_argument(
+        "--encoder-weights",
+        metavar="W",
+        help="CLIP encoder weights: 'openai' (the paper; must be in the local cache), a weight file, or "
+        "'none' (random encoder, for tests)",
+    )
+    parser.add_argument(
+        "--iterations", type=int, metavar="N", help=f"training iterations (default {DEFAULT_ITERATIONS})"
+    )
+    parser.add_argument(
+        "--resume", metavar="CKPT", help="continue from a checkpoint_epoch=N.pt of an earlier run"
+    )
+    parser.add_argument("--batch", type=int, metavar="N", help="batch size per process (default 16)")
+    parser.add_argument("--crop", type=int, metavar="N", help="training crop size (default 128)")
+    parser.add_argument(
+        "--noise", choices=["gaussian"], default="gaussian", help="training noise (the paper: gaussian)"
+    )
+    parser.add_argument(
+        "--noise-sigma", type=float, metavar="S", help="noise std in 1/255 of the model range (default 5)"
+    )
+    parser.add_argument(
+        "--val-patients", metavar="IDS", help="comma-separated validation patients (default L506)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, metavar="F", help="hold out this fraction of patients instead"
+    )
+    parser.add_argument(
+        "--val-max-slices", type=int, metavar="N", help="validate on at most N slices per patient"
+    )
+    parser.add_argument(
+        "--checkpoint-interval", type=int, metavar="N", help="iterations between checkpoints (1000)"
+    )
+    parser.add_argument("--seed", type=int, help="random seed (default 100, the reference's)")
+    parser.add_argument("--workers", type=int, metavar="N", help="data loader worker processes (default 4)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an output folder that holds a model"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config override; VALUE is JSON (e.g. --set learning_rate=1e-4)",
+    )
+    # small networks for tests and smoke runs; not part of the documented interface
+    parser.add_argument("--layers", help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_overrides(args: argparse.Namespace) -> dict:
+    """Config overrides from the command line options."""
+    overrides: dict = {}
+    if args.data is not None:
+        data = Path(args.data).expanduser()
+        if not data.is_dir():
+            raise InputError(f"--data {args.data!r} is not a folder: give the folder with the training data")
+        overrides["data_dir"] = str(data.resolve())
+    if args.output is not None:
+        overrides["output_dir"] = str(Path(args.output).expanduser().resolve())
+    if args.encoder_weights is not None:
+        overrides["encoder_weights"] = (
+            None if args.encoder_weights.lower() == "none" else args.encoder_weights
+        )
+    if args.resume is not None:
+        resume = Path(args.resume).expanduser()
+        if not resume.is_file():
+            raise InputError(
+                f"--resume {args.resume!r} does not exist: give a checkpoint_epoch=N.pt file of a run"
+            )
+        overrides["resume"] = str(resume.resolve())
+    simple = {
+        "iterations": args.iterations,
+        "batch_size": args.batch,
+        "crop_size": args.crop,
+        "checkpoint_interval": args.checkpoint_interval,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "val_fraction": args.val_fraction,
+        "val_max_slices": args.val_max_slices,
+        "width": args.width,
+    }
+    for key, value in simple.items():
+        if value is not None:
+            if isinstance(value, int) and key not in ("seed",) and value < (0 if key == "num_workers" else 1):
+                raise InputError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            overrides[key] = value
+    if args.noise_sigma is not None:
+        if args.noise_sigma <= 0:
+            raise InputError(f"--noise-sigma must be positive, got {args.noise_sigma}")
+        overrides["noise_std"] = args.noise_sigma / 255.0
+    if args.val_patients is not None:
+        overrides["val_patients"] = [p for p in args.val_patients.split(",") if p]
+        overrides.setdefault("val_fraction", None)
+    elif args.val_fraction is not None:
+        overrides["val_patients"] = None
+    if args.layers is not None:
+        try:
+            overrides["layers"] = [int(v) for v in str(args.layers).strip("[]()").split(",")]
+        except ValueError:
+            raise InputError(
+                f"--layers {args.layers!r} must be comma-separated integers, e.g. 3,4,6,3"
+            ) from None
+    for item in args.set:
+        if "=" not in item:
+            raise InputError(f"--set {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _json_value(value)
+    return overrides
+
+
+def _user_error(error: BaseException) -> LdctClipError | None:
+    # the config parser wraps what our code raised ("Failed to instantiate ..."): find the user's error
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LdctClipError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def run_config(config_files: list[str], overrides: dict) -> None:
+    """Run a bundle config's ``initialize``, ``run`` and ``finalize`` sections with ``overrides``.
+
+    Raises:
+        LdctClipError: the user-fixable error behind a config failure, unwrapped.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    parser.update(overrides)
+    try:
+        for section in ("initialize", "run"):
+            if section in parser:
+                parser.get_parsed_content(section, lazy=True)
+    except Exception as error:
+        user = _user_error(error)
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        if "finalize" in parser:
+            parser.get_parsed_content("finalize", lazy=True)
+
+
+def default_config() -> str:
+    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, resolve_bundle
+
+    return str(resolve_bundle(DEFAULT_CT_BUNDLE) / "configs" / "train.json")
+
+
+def _output_dir(configs: list[str], overrides: dict) -> Path:
+    from monai.bundle import ConfigParser
+
+    if overrides.get("output_dir"):
+        return Path(overrides["output_dir"])
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(overrides)
+    return Path(parser.get_parsed_content("output_dir"))
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = args.config or [default_config()]
+    for config in configs:
+        if not Path(config).is_file():
+            raise InputError(f"config file {config!r} does not exist: give a bundle's configs/train.json")
+    overrides = build_overrides(args)
+    output = _output_dir(configs, overrides)
+    if args.resume is None and not args.overwrite and (output / "model.pt").exists():
+        raise OutputError(
+            f"{output} already holds a trained model.pt: choose another --output, add --overwrite, "
+            "or continue it with --resume"
+        )
+    run_config(configs, overrides)
+    print(f"trained model: {output / 'model.pt'} (checkpoints and TensorBoard logs in {output})")
+    return 0

@@ -1,0 +1,234 @@
+"""``ldct-clip train`` and ``ldct-clip evaluate`` end to end on phantom data."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import TRAIN_CONFIG, one_thread, phantom_volumes
+
+from ldct_clip.cli import main
+from ldct_clip.data.phantom import make_phantom
+from ldct_clip.io import load_ct, save_nifti
+from ldct_clip.metrics import psnr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = phantom_volumes(root / "data", size=48, slices=2)
+    out = root / "run"
+    argv = [
+        "train", "--config", TRAIN_CONFIG, "--data", str(data), "--output", str(out), "--encoder-weights", "none",
+        "--iterations", "4", "--batch", "2", "--crop", "32", "--workers", "0", "--val-patients", "C",
+        "--layers", "1,1,1,1", "--width", "8", "--set", f'cache_dir="{root / "cache"}"',
+    ]  # fmt: skip
+    with one_thread():
+        assert main(argv) == 0
+    return out, argv
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    for i, patient in enumerate(("P1", "P2")):
+        full = make_phantom(size=48, slices=3, seed=10 + i)
+        low = full.clone()
+        low += torch.as_tensor(rng.normal(0, 40, full.shape), dtype=torch.float32)
+        save_nifti(full, root / f"{patient}_full.nii.gz")
+        save_nifti(low, root / f"{patient}_low.nii.gz")
+    return root
+
+
+def test_train_writes_model_and_checkpoints(trained):
+    out, _ = trained
+    assert (out / "model.pt").is_file() and (out / "best.pt").is_file()
+    assert torch.load(out / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 4
+
+
+def test_train_refuses_to_overwrite_a_trained_model(trained, capsys):
+    out, argv = trained
+    before = (out / "model.pt").stat().st_mtime_ns
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "already holds a trained model.pt" in err
+        and "Traceback" not in err
+        and len(err.strip().splitlines()) == 1
+    )
+    assert (out / "model.pt").stat().st_mtime_ns == before
+
+
+def test_train_bad_data_folder(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                TRAIN_CONFIG,
+                "--data",
+                str(tmp_path / "nope"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_folder_without_ct(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [
+        "train",
+        "--config",
+        TRAIN_CONFIG,
+        "--data",
+        str(tmp_path / "empty"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--encoder-weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "no CT data in" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_writes_table_csv_and_summary(trained, pairs, tmp_path, capsys):
+    out, _ = trained
+    result = tmp_path / "eval"
+    code = main(
+        [
+            "evaluate",
+            "--pairs",
+            str(pairs),
+            "--weights",
+            str(out / "model.pt"),
+            "--output",
+            str(result),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "P1" in printed and "denoised psnr" in printed
+    rows = list(csv.DictReader((result / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == 6 and {r["patient"] for r in rows} == {"P1", "P2"}
+    assert {
+        "patient",
+        "slice",
+        "input_psnr",
+        "input_ssim",
+        "input_rmse",
+        "denoised_psnr",
+        "denoised_ssim",
+        "denoised_rmse",
+    } == set(rows[0])
+    summary = json.loads((result / "summary.json").read_text())
+    assert summary["protocol"] == "paper"
+    for group in ("input", "denoised"):
+        assert set(summary[group]) == {"psnr", "ssim", "rmse"}
+    assert set(summary["per_patient"]) == {"P1", "P2"}
+    # the input row is the low-dose volume scored against normal dose, slice by slice
+    low, full = load_ct(pairs / "P1_low.nii.gz"), load_ct(pairs / "P1_full.nii.gz")
+    expected = psnr(low[0].permute(2, 0, 1)[:, None], full[0].permute(2, 0, 1)[:, None]).mean().item()
+    assert summary["per_patient"]["P1"]["input"]["psnr"] == pytest.approx(expected, abs=1e-6)
+    assert (result / "example.png").stat().st_size > 1000
+
+
+def test_evaluate_protocols_differ(trained, pairs, tmp_path):
+    out, _ = trained
+    scores = {}
+    for protocol in ("redcnn", "ldctbench"):
+        result = tmp_path / protocol
+        argv = [
+            "evaluate",
+            "--pairs",
+            str(pairs),
+            "--weights",
+            str(out / "model.pt"),
+            "--output",
+            str(result),
+            "--protocol",
+            protocol,
+            "--no-progress",
+        ]
+        assert main(argv) == 0
+        scores[protocol] = json.loads((result / "summary.json").read_text())
+    assert scores["ldctbench"]["protocol"] == "ldctbench-abdomen"
+    # a 400 HU window makes 40 HU noise look worse than the 4096 HU range does
+    assert scores["redcnn"]["input"]["psnr"] < 30
+
+
+def test_evaluate_bad_input(trained, tmp_path, capsys):
+    out, _ = trained
+    code = main(
+        [
+            "evaluate",
+            "--pairs",
+            str(tmp_path / "missing"),
+            "--weights",
+            str(out / "model.pt"),
+            "--output",
+            str(tmp_path / "e"),
+        ]
+    )
+    assert code == 2 and "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    code = main(
+        [
+            "evaluate",
+            "--pairs",
+            str(tmp_path / "empty"),
+            "--weights",
+            str(out / "model.pt"),
+            "--output",
+            str(tmp_path / "e"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no low-/normal-dose pairs" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_bundle_evaluate_config(trained):
+    from pathlib import Path
+
+    from ldct_clip.cli.train import run_config
+
+    out, argv = trained
+    data = argv[argv.index("--data") + 1]
+    evaluate = str(Path(TRAIN_CONFIG).with_name("evaluate.json"))
+    overrides = {
+        "data_dir": data,
+        "output_dir": str(out),
+        "layers": [1, 1, 1, 1],
+        "width": 8,
+        "val_patients": ["C"],
+    }
+    overrides["cache_dir"] = str(out.parent / "cache")
+    run_config([TRAIN_CONFIG, evaluate], overrides)
+    rows = list(csv.DictReader((out / "eval" / "val_psnr_raw.csv").read_text().splitlines()))
+    assert [r["filename"] for r in rows] == ["C_0", "C_1"]  # one row per validation slice
+    summary = dict(csv.reader((out / "eval" / "metrics.csv").read_text().splitlines()))
+    assert float(summary["val_psnr"]) == pytest.approx(np.mean([float(r["mean"]) for r in rows]), abs=1e-3)
+    assert (out / "eval" / "val_rmse_summary.csv").is_file()
+
+
+def test_evaluate_mayo_npy_pairs(trained, tmp_path):
+    from training_helpers import phantom_mayo_npy
+
+    out, _ = trained
+    pairs = phantom_mayo_npy(tmp_path / "mayo", patients=("L506",), size=48, slices=2)
+    result = tmp_path / "eval"
+    argv = ["evaluate", "--pairs", str(pairs), "--weights", str(out / "model.pt"), "--output", str(result)]
+    assert main([*argv, "--no-progress"]) == 0
+    summary = json.loads((result / "summary.json").read_text())
+    # the Mayo input is the target plus N(0, (5/255)^2) in the model range: ~35.6 dB under "paper"
+    assert 34 < summary["per_patient"]["L506"]["input"]["psnr"] < 37
+    assert summary["n_slices"] == 2

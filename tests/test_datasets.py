@@ -1,0 +1,158 @@
+"""Datasets: layouts, patient split, slice cache, the seeded training stream, augmentation, pairs."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import phantom_mayo_npy, phantom_volumes
+
+from ldct_clip.data import datasets as D
+from ldct_clip.data.phantom import make_phantom, write_phantom_dicom, write_phantom_nifti
+from ldct_clip.errors import InputError
+from ldct_clip.transforms.augment import RandDihedrald
+
+
+def test_mayo_layout_and_patient_split(tmp_path):
+    for z in (0, 2, 10, 9):
+        np.save(tmp_path / f"L067_{z}_target.npy", np.zeros((4, 4), np.float32))
+        np.save(tmp_path / f"L067_{z}_input.npy", np.zeros((4, 4), np.float32))
+    np.save(tmp_path / "L506_0_target.npy", np.zeros((4, 4), np.float32))
+    np.save(tmp_path / "notes.npy", np.zeros(1))
+    slices = D.find_mayo_npy(tmp_path)
+    assert [(s["patient"], s["slice"]) for s in slices] == [
+        ("L067", 0),
+        ("L067", 2),
+        ("L067", 9),
+        ("L067", 10),
+        ("L506", 0),
+    ]
+    assert slices[-1]["input"] is None
+    assert D.detect_layout(tmp_path) == "mayo_npy"
+    assert D.split_patients(["L067", "L506"], ["L506"]) == (["L067"], ["L506"])
+    assert D.split_patients(["L067", "L506"], "L506") == (["L067"], ["L506"])
+    with pytest.raises(InputError, match="L999"):
+        D.split_patients(["L067", "L506"], ["L999"])
+    with pytest.raises(InputError, match="no patient left"):
+        D.split_patients(["L067"], ["L067"])
+
+
+def test_fractional_split_is_seeded():
+    patients = [f"P{i}" for i in range(10)]
+    train, val = D.split_patients(patients, val_fraction=0.2, seed=3)
+    assert len(val) == 2 and set(train) | set(val) == set(patients) and not set(train) & set(val)
+    assert D.split_patients(patients, val_fraction=0.2, seed=3) == (train, val)
+    assert any(D.split_patients(patients, val_fraction=0.2, seed=s)[1] != val for s in range(4, 10))
+
+
+def test_dihedral_gives_the_8_transforms_uniformly():
+    image = torch.arange(9, dtype=torch.float32).reshape(1, 3, 3)
+    transform = RandDihedrald("x")
+    transform.set_random_state(0)
+    counts = Counter(tuple(transform({"x": image})["x"].flatten().tolist()) for _ in range(1600))
+    assert len(counts) == 8  # all 8 elements of the dihedral group, nothing else
+    assert all(150 < c < 250 for c in counts.values())  # 200 expected, +-4 sd
+
+
+def test_volume_cache_decodes_once(tmp_path, monkeypatch):
+    path = write_phantom_nifti(tmp_path / "A.nii.gz", size=32, slices=3, seed=0)
+    cache = D.VolumeSliceCache(tmp_path / "cache")
+    first = cache.slices(path)
+    assert isinstance(first, np.memmap) and first.shape == (3, 32, 32) and first.dtype == np.float32
+    # x = (HU + 1024) / 4096 of the same slice (reoriented: compare the sorted body values; int16 file)
+    expected = (make_phantom(size=32, slices=3, seed=0).numpy()[0][..., 1] + 1024) / 4096
+    got = np.sort(first[1][first[1] > 0.1])
+    np.testing.assert_allclose(got, np.sort(expected[expected > 0.1]), atol=0.6 / 4096)
+    import ldct_clip.io
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(ldct_clip.io, "load_ct", no_decoding)
+    np.testing.assert_array_equal(cache.slices(path), first)
+    os.utime(path, ns=(1, 1))  # a changed file is decoded again
+    with pytest.raises(AssertionError, match="decoded again"):
+        cache.slices(path)
+
+
+def test_dicom_and_nifti_volumes_found(tmp_path):
+    write_phantom_nifti(tmp_path / "A.nii.gz", size=32, slices=2, seed=0)
+    write_phantom_dicom(tmp_path / "site1" / "B", size=32, slices=2, seed=1)
+    volumes = D.find_volumes(tmp_path)
+    assert [v["patient"] for v in volumes] == ["A", "site1_B"]
+    assert D.detect_layout(tmp_path) == "volumes"
+    dataset = D.CTSliceDataset(tmp_path, ["site1_B"], cache_dir=tmp_path / "cache")
+    assert (
+        len(dataset) == 2 and dataset[1]["patient"] == "site1_B" and dataset[1]["label"].shape == (1, 32, 32)
+    )
+
+
+def test_training_stream_is_a_function_of_seed_and_position(tmp_path):
+    root = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=48, slices=3)
+    stream = D.make_train_dataset(root, val_patients=["P2"], seed=7, crop_size=32)
+    assert len(stream) == 3  # P1's slices only
+    a = stream[5]
+    for p in (0, 9, 2):
+        stream[p]
+    b = stream[5]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert not torch.equal(stream[6]["image"], a["image"])
+    other_seed = D.make_train_dataset(root, val_patients=["P2"], seed=8, crop_size=32)
+    assert not torch.equal(other_seed[5]["image"], a["image"])
+    # every pass over the data visits each slice once
+    assert sorted(stream[p]["slice"] for p in range(3, 6)) == [0, 1, 2]
+    # the paper's noise: Gaussian, std 5/255, not clipped
+    noise = torch.cat([(stream[p]["image"] - stream[p]["label"]).flatten() for p in range(40)])
+    assert float(noise.std()) == pytest.approx(5 / 255, rel=0.02) and float(noise.mean()) == pytest.approx(
+        0, abs=1e-3
+    )
+    assert a["image"].shape == (1, 32, 32) and a["image"].dtype == torch.float32
+
+
+def test_stream_sampler_shards_ranks_and_resumes():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    r0, r1 = D.StreamSampler(4, rank=0, world_size=2), D.StreamSampler(4, rank=1, world_size=2)
+    assert take(r0, 8) == [0, 1, 2, 3, 8, 9, 10, 11] and take(r1, 4) == [4, 5, 6, 7]
+    single = D.StreamSampler(4, rank=0, world_size=1)
+    full = take(single, 12)
+    single.start_iteration = 2
+    assert take(single, 4) == full[8:]
+
+
+def test_validation_pairs(tmp_path):
+    volumes = phantom_volumes(tmp_path / "vol", patients=("A", "B"), size=32, slices=2)
+    val = D.make_val_dataset(volumes, ["B"], cache_dir=tmp_path / "cache")
+    assert len(val) == 2
+    first, again = val[0], val[0]
+    np.testing.assert_array_equal(first["image"], again["image"])  # the same noise at every validation
+    assert float(np.std(first["image"] - first["label"])) == pytest.approx(5 / 255, rel=0.1)
+    mayo = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=3)
+    real = D.make_val_dataset(mayo, ["P2"], max_slices_per_patient=2)
+    assert len(real) == 2 and [real[i]["slice"] for i in range(2)] == [0, 2]
+    np.testing.assert_array_equal(real[1]["image"][0], np.load(mayo / "P2_2_input.npy"))
+    with pytest.raises(InputError, match="no validation patients"):
+        D.make_val_dataset(mayo)
+
+
+def test_find_pairs_layouts(tmp_path):
+    for name in ("X_low", "X_full"):
+        write_phantom_nifti(tmp_path / f"{name}.nii.gz", size=16, slices=2, seed=0)
+    for kind in ("low", "full"):
+        write_phantom_dicom(tmp_path / "Y" / kind, size=16, slices=2, seed=1)
+    phantom_mayo_npy(tmp_path, patients=("Z",), size=16, slices=2)
+    pairs = D.find_pairs(tmp_path)
+    assert [(p["patient"], p["kind"]) for p in pairs] == [("X", "volume"), ("Y", "volume"), ("Z", "mayo_npy")]
+    low, full, oriented = D.load_pair_volumes(pairs[2])
+    assert low.shape == full.shape == (1, 16, 16, 2) and oriented
+    np.testing.assert_allclose(
+        full[0, ..., 1].numpy(), np.load(tmp_path / "Z_1_target.npy") * 4096 - 1024, atol=1e-3
+    )
+    (tmp_path / "X_full.nii.gz").unlink()
+    with pytest.raises(InputError, match="X_full"):
+        D.find_pairs(tmp_path)
+    with pytest.raises(InputError, match="not a folder"):
+        D.find_pairs(tmp_path / "missing")
