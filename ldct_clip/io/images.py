@@ -26,6 +26,7 @@ from monai.transforms import LoadImage
 
 from ldct_clip.errors import InputError, OutputError
 from ldct_clip.io.atomic import atomic_output
+from ldct_clip.io.monai_loader import quiet_load_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -111,7 +112,7 @@ def _loader_for(path: Path) -> LoadImage:
             if kind == "high"
             else PILReader(converter=_pil_to_supported_mode, reverse_indexing=False)
         )
-        _LOADERS[kind] = LoadImage(reader=reader, image_only=True, dtype=None, ensure_channel_first=True)
+        _LOADERS[kind] = quiet_load_image(reader, image_only=True, dtype=None, ensure_channel_first=True)
     return _LOADERS[kind]
 
 

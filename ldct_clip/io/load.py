@@ -7,6 +7,7 @@ that the writers use to find their way back to the source.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +18,6 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader
-from monai.transforms import LoadImage
 from tqdm.auto import tqdm
 
 from ldct_clip.errors import InputError
@@ -32,6 +32,7 @@ from ldct_clip.io.dicom_series import (
     select_series,
     sorted_series_geometry,
 )
+from ldct_clip.io.monai_loader import quiet_load_image
 
 __all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "load_ct"]
 
@@ -242,9 +243,14 @@ def _check_dims(shape: tuple[int, ...], path: Path) -> None:
         raise InputError(f"{path} has shape {tuple(shape)}; expected a 3-D volume")
 
 
+@functools.cache
+def _nifti_loader():
+    return quiet_load_image(NibabelReader(), image_only=True, dtype=np.float32)
+
+
 def _load_nifti(path: Path) -> MetaTensor:
     try:
-        img = LoadImage(reader=NibabelReader(), image_only=True, dtype=np.float32)(str(path))
+        img = _nifti_loader()(str(path))
     except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors...
         raise InputError(f"cannot read NIfTI file {path}: {e}; the file is truncated or corrupt") from e
     shape = tuple(img.shape)

@@ -1,0 +1,249 @@
+"""Training and held-out data for the demo weights, from the development CT in ``../shared/data`` plus phantoms.
+
+:func:`prepare_demo_data` writes, under one output folder (atomically):
+
+- ``train/``: normal-dose volumes, one "patient" per NIfTI file (the ``"volumes"`` layout of
+  :mod:`ldct_clip.data.datasets`, what ``ldct-clip train --data`` reads):
+
+  - ``totalseg_dicom_train.nii.gz``: slices 0-13 of the real DICOM series ``totalseg_example_ct_dicom``
+    (512 x 512, 0.977 mm, 3 mm thick every 2 mm); slices 14-15 are left out as a gap, so that no training
+    slab overlaps a held-out one (slice 13 ends 3 mm before slice 16 begins);
+  - ``totalseg_ct_1mm.nii.gz``: the real volume ``totalseg_example_ct.nii.gz`` (3 mm isotropic), resampled
+    in-plane to ``nifti_spacing_mm`` (default 1 mm, bilinear, MONAI ``Spacing``) so that its anatomy has the
+    pixel scale of the other training slices; 0 keeps it at 3 mm;
+  - ``phantom_seed{1..4}.nii.gz``: noise-free phantoms of several sizes (anatomy scales with the matrix).
+
+- ``heldout/``: low-/normal-dose pairs ``{name}_low.nii.gz`` + ``{name}_full.nii.gz`` (the ``"pairs"`` layout,
+  what ``ldct-clip evaluate`` / ``ldct-clip benchmark`` read): DICOM slices 16-19 and their simulated
+  quarter dose, and a phantom with a seed no training volume uses (99) with its simulated quarter dose.
+
+- ``manifest.json``: every file with its shape and spacing, the simulation settings and, per held-out
+  pair, the added noise (std of low - full inside the body), the flat-region noise of both images and the
+  low dose's PSNR (``redcnn`` protocol).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldct_clip.errors import InputError
+
+__all__ = [
+    "DICOM_HELDOUT_SLICES",
+    "DICOM_TRAIN_SLICES",
+    "HELDOUT_PHANTOM",
+    "TRAIN_PHANTOMS",
+    "heldout_noise",
+    "prepare_demo_data",
+]
+
+DICOM_SERIES = "totalseg_example_ct_dicom"
+NIFTI_VOLUME = "totalseg_example_ct.nii.gz"
+#: Slice indices (in load_ct's order, inferior to superior) of the real series used for training...
+DICOM_TRAIN_SLICES = range(0, 14)
+#: ...and held out; 14 and 15 are the gap between them.
+DICOM_HELDOUT_SLICES = range(16, 20)
+#: (size, slices, seed) of the training phantoms, 0.8 mm pixels, 3 mm slices.
+TRAIN_PHANTOMS = ((512, 8, 1), (512, 8, 2), (384, 8, 3), (256, 8, 4))
+#: (size, slices, seed) of the held-out phantom: a seed no training phantom (nor the demo, seed 0) uses.
+HELDOUT_PHANTOM = (512, 4, 99)
+PHANTOM_SPACING = (0.8, 0.8, 3.0)
+BODY_HU = -500.0
+
+
+def _crop_slices(volume, slices: range):
+    """Slices ``slices`` of the last axis, with the affine moved accordingly (MONAI ``SpatialCrop``)."""
+    from monai.transforms import SpatialCrop
+
+    if slices.start < 0 or slices.stop > volume.shape[-1]:
+        raise InputError(
+            f"slices {slices.start}-{slices.stop - 1} asked for, the series has {volume.shape[-1]}: "
+            "give the full totalseg_example_ct_dicom series"
+        )
+    x, y = volume.shape[1:3]
+    return SpatialCrop(roi_start=(0, 0, slices.start), roi_end=(x, y, slices.stop))(volume)
+
+
+def _resample_in_plane(volume, spacing_mm: float):
+    from monai.transforms import Spacing
+
+    z = float(np.linalg.norm(np.asarray(volume.affine)[:3, 2]))
+    # "border": the few voxels the new grid adds at the edge repeat the edge (air), not 0 HU
+    return Spacing(pixdim=(spacing_mm, spacing_mm, z), mode="bilinear", padding_mode="border")(volume)
+
+
+def heldout_noise(low, full) -> dict[str, float]:
+    """What a held-out pair's simulated noise is: std (HU) of ``low - full`` inside the body, the noise std in
+    the flattest normal-dose windows (``ldct_clip.reporting``) of both, and the low dose's PSNR (redcnn)."""
+    from ldct_clip.metrics import psnr
+    from ldct_clip.reporting import find_flat_roi, roi_size, roi_std
+
+    low_np = np.asarray(low[0], dtype=np.float64)
+    full_np = np.asarray(full[0], dtype=np.float64)
+    body = full_np > BODY_HU
+    added = float((low_np - full_np)[body].std())
+    flat_low, flat_full = [], []
+    for z in range(full_np.shape[-1]):
+        roi = find_flat_roi(full_np[..., z], roi_size(full_np.shape[:2], 1 / 8, 8, 32))
+        flat_low.append(roi_std(low_np[..., z], roi))
+        flat_full.append(roi_std(full_np[..., z], roi))
+    slices = [torch.from_numpy(v).permute(2, 0, 1)[:, None] for v in (low_np, full_np)]
+    return {
+        "added_noise_std_body_hu": added,
+        "noise_std_flat_low_hu": float(np.mean(flat_low)),
+        "noise_std_flat_full_hu": float(np.mean(flat_full)),
+        "psnr_low_redcnn_db": float(psnr(*slices, protocol="redcnn").mean()),
+    }
+
+
+def _describe(volume) -> dict:
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    return {
+        "shape": [int(s) for s in volume.shape[1:]],
+        "spacing_mm": [round(float(s), 4) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+    }
+
+
+def prepare_demo_data(
+    shared_data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    dose: float = 0.25,
+    seed: int = 0,
+    nifti_spacing_mm: float = 1.0,
+    train_phantoms: Sequence[tuple[int, int, int]] = TRAIN_PHANTOMS,
+    heldout_phantom: tuple[int, int, int] | None = HELDOUT_PHANTOM,
+    workers: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Write the demo weights' training volumes and held-out pairs (see the module docstring).
+
+    Args:
+        shared_data: folder holding ``totalseg_example_ct_dicom/`` and ``totalseg_example_ct.nii.gz``.
+        output_dir: folder to create (``train/``, ``heldout/``, ``manifest.json``); refused if it exists
+            unless ``overwrite``.
+        overwrite: replace an existing ``output_dir``.
+        dose: dose fraction of the held-out low-dose volumes.
+        seed: seed of the simulated noise.
+        nifti_spacing_mm: in-plane pixel size the 3 mm NIfTI volume is resampled to; 0 keeps it.
+        train_phantoms: ``(size, slices, seed)`` of each training phantom.
+        heldout_phantom: ``(size, slices, seed)`` of the held-out phantom pair; None for none.
+        workers: simulation processes (default one per CPU).
+        progress: progress bars for the simulation.
+        log: called with one line per file written.
+
+    Returns:
+        the manifest (also written as ``manifest.json``).
+
+    Raises:
+        InputError: the shared data are missing or not as expected; a held-out phantom seed that a
+            training phantom uses.
+    """
+    from ldct_clip.data.phantom import make_phantom
+    from ldct_clip.io import atomic_output, check_output_path, load_ct, save_nifti
+    from ldct_clip.reporting import write_json
+    from ldct_clip.simulation import DEFAULT_PHOTONS, simulate_low_dose
+
+    shared = Path(shared_data).expanduser()
+    dicom_dir, nifti_path = shared / DICOM_SERIES, shared / NIFTI_VOLUME
+    for needed in (dicom_dir, nifti_path):
+        if not needed.exists():
+            raise InputError(
+                f"{needed} not found: give the folder holding {DICOM_SERIES}/ and {NIFTI_VOLUME}"
+            )
+    if heldout_phantom is not None and heldout_phantom[2] in {p[2] for p in train_phantoms}:
+        raise InputError(
+            f"held-out phantom seed {heldout_phantom[2]} is also a training seed: choose another"
+        )
+    final = check_output_path(shared, output_dir, overwrite)
+
+    manifest: dict = {
+        "source": str(shared.resolve()),
+        "simulation": {"dose": dose, "photons": DEFAULT_PHOTONS, "seed": seed},
+        "train": {},
+        "heldout": {},
+    }
+    with atomic_output(final, overwrite=overwrite, is_dir=True) as tmp:
+        train, heldout = tmp / "train", tmp / "heldout"
+        train.mkdir()
+        heldout.mkdir()
+
+        def write(volume, folder: Path, name: str, section: str, **extra) -> None:
+            save_nifti(volume, folder / name)
+            manifest[section][name] = {**_describe(volume), **extra}
+            info = manifest[section][name]
+            log(f"{folder.name}/{name}: {tuple(info['shape'])} voxels of {tuple(info['spacing_mm'])} mm")
+
+        series = load_ct(dicom_dir)
+        first, last = DICOM_TRAIN_SLICES, DICOM_HELDOUT_SLICES
+        write(
+            _crop_slices(series, first),
+            train,
+            "totalseg_dicom_train.nii.gz",
+            "train",
+            source=f"{DICOM_SERIES} slices {first.start}-{first.stop - 1}",
+        )
+        volume = load_ct(nifti_path)
+        if nifti_spacing_mm:
+            volume = _resample_in_plane(volume, nifti_spacing_mm)
+        write(
+            volume,
+            train,
+            "totalseg_ct_1mm.nii.gz" if nifti_spacing_mm == 1.0 else "totalseg_ct.nii.gz",
+            "train",
+            source=f"{NIFTI_VOLUME}"
+            + (f" resampled in-plane to {nifti_spacing_mm:g} mm" if nifti_spacing_mm else ""),
+        )
+        for size, slices, phantom_seed in train_phantoms:
+            write(
+                make_phantom(size, slices, PHANTOM_SPACING, phantom_seed),
+                train,
+                f"phantom_seed{phantom_seed}.nii.gz",
+                "train",
+                source=f"ldct_clip.data.phantom.make_phantom(size={size}, slices={slices}, seed={phantom_seed})",
+            )
+
+        pairs = [
+            (
+                "totalseg_dicom_heldout",
+                _crop_slices(series, last),
+                f"{DICOM_SERIES} slices {last.start}-{last.stop - 1}",
+            )
+        ]
+        if heldout_phantom is not None:
+            size, slices, phantom_seed = heldout_phantom
+            pairs.append(
+                (
+                    f"phantom_seed{phantom_seed}",
+                    make_phantom(size, slices, PHANTOM_SPACING, phantom_seed),
+                    f"ldct_clip.data.phantom.make_phantom(size={size}, slices={slices}, seed={phantom_seed})",
+                )
+            )
+        for name, full, source in pairs:
+            low = simulate_low_dose(full, dose=dose, seed=seed, workers=workers, progress=progress).round()
+            write(full, heldout, f"{name}_full.nii.gz", "heldout", source=source)
+            write(
+                low,
+                heldout,
+                f"{name}_low.nii.gz",
+                "heldout",
+                source=f"simulated dose {dose:g} of {name}_full",
+            )
+            stats = heldout_noise(low, full)
+            manifest["heldout"][f"{name}_low.nii.gz"].update(stats)
+            log(
+                f"  {name}: dose {dose:g} adds {stats['added_noise_std_body_hu']:.1f} HU noise std in the body; "
+                f"flat region {stats['noise_std_flat_full_hu']:.1f} -> {stats['noise_std_flat_low_hu']:.1f} HU; "
+                f"PSNR (redcnn) of low dose {stats['psnr_low_redcnn_db']:.2f} dB"
+            )
+        write_json(manifest, tmp / "manifest.json")
+    log(
+        f"wrote {final} (train/: {len(manifest['train'])} volumes, heldout/: {len(pairs)} pairs, manifest.json)"
+    )
+    return manifest

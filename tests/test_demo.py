@@ -1,0 +1,145 @@
+"""``ldct-clip demo``: outputs, metrics, refusals; with a tiny random network and a small phantom."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import shutil
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import ldct_clip.bundles
+import ldct_clip.demo
+from ldct_clip.cli import main
+from ldct_clip.data.phantom import make_phantom, phantom_affine
+from ldct_clip.demo import DEMO_SPACING, bundled_weights_path, run_demo
+from ldct_clip.errors import WeightsError
+from ldct_clip.io import load_ct
+from ldct_clip.metrics import psnr
+from ldct_clip.networks import CLIPDenoiser, save_checkpoint
+
+SIZE, SLICES = 64, 3
+METRIC_KEYS = [
+    f"{metric}_{which}" for metric in ("psnr", "ssim", "rmse") for which in ("low_dose", "denoised")
+] + ["noise_std_normal_dose", "noise_std_low_dose", "noise_std_denoised"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint(path, CLIPDenoiser(layers=(1, 1, 1, 1), width=8))
+    return path
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    """The CLI with the library's demo shrunk to a 64 x 64 x 3 phantom (the CLI itself has no size options)."""
+    original = ldct_clip.demo.run_demo
+    monkeypatch.setattr(
+        ldct_clip.demo, "run_demo", functools.partial(original, size=SIZE, slices=SLICES, workers=1)
+    )
+
+
+def _fake_bundle(root, weights=None):
+    """A bundle folder named like the shipped one, with or without ``models/model.pt``."""
+    bundle = root / "lowdose_ct_denoising"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    if weights is not None:
+        (bundle / "models").mkdir()
+        shutil.copy(weights, bundle / "models" / "model.pt")
+    return bundle
+
+
+def test_demo_writes_series_volumes_figure_and_metrics(tmp_path, tiny_weights, small_demo, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        ["demo", "--output", str(out), "--weights", str(tiny_weights), "--device", "cpu", "--no-progress"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and str(out) in printed[0] and "PSNR" in printed[1] and "dB" in printed[1]
+    assert not list(tmp_path.glob(".partial-*"))
+
+    for name in ("normal_dose_dicom", "low_dose_dicom", "denoised_dicom"):
+        assert len(list((out / name).glob("*.dcm"))) == SLICES
+    phantom = make_phantom(SIZE, SLICES, DEMO_SPACING, seed=0)
+    expected_affine = phantom_affine(SIZE, DEMO_SPACING, SLICES)
+    volumes = {}
+    for name in ("normal_dose", "low_dose", "denoised"):
+        image = nib.load(out / f"{name}.nii.gz")
+        np.testing.assert_allclose(image.affine, expected_affine, atol=1e-4)
+        volumes[name] = np.asarray(image.dataobj, dtype=np.float64)
+        # the NIfTI and the DICOM series hold the same HU values
+        dicom = load_ct(out / f"{name}_dicom")[0].numpy()
+        np.testing.assert_array_equal(volumes[name], dicom)
+    # normal dose is the phantom (integer HU as stored); low dose differs from it by noise inside the body only
+    np.testing.assert_allclose(volumes["normal_dose"], np.rint(phantom[0].numpy()), atol=0.5)
+    body = volumes["normal_dose"] > -500
+    noise = volumes["low_dose"] - volumes["normal_dose"]
+    assert noise[body].std() > 1.0 and abs(noise[body].mean()) < 1.0
+
+    figure = matplotlib.image.imread(out / "comparison.png")
+    assert figure.shape[0] > 600 and figure.shape[1] > 600 and figure[..., :3].std() > 0.05
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == "redcnn"
+    for key in METRIC_KEYS:
+        assert math.isfinite(metrics[key]), key
+    for key in METRIC_KEYS[:6]:  # PSNR, SSIM, RMSE under the paper's protocol as well
+        assert math.isfinite(metrics["paper"][key]), key
+    # the reported numbers are those of the written volumes
+    as_slices = {k: torch.from_numpy(v).permute(2, 0, 1)[:, None] for k, v in volumes.items()}
+    for which in ("low_dose", "denoised"):
+        for protocol, where in (("redcnn", metrics), ("paper", metrics["paper"])):
+            value = float(psnr(as_slices[which], as_slices["normal_dose"], protocol).mean())
+            assert where[f"psnr_{which}"] == pytest.approx(value, abs=1e-3)
+    assert metrics["noise_std_low_dose"] > metrics["noise_std_normal_dose"]
+    assert metrics["weights_sha256"] == hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    assert metrics["seconds"]["total"] > 0 and metrics["slices"] == SLICES
+
+
+def test_demo_refuses_existing_output(tmp_path, tiny_weights, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["demo", "--output", str(out), "--weights", str(tiny_weights)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "already exists" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_demo_without_bundled_weights_says_so(tmp_path, monkeypatch, capsys):
+    _fake_bundle(tmp_path / "bundles")
+    monkeypatch.setattr(ldct_clip.bundles, "bundle_search_paths", lambda: [tmp_path / "bundles"])
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "model.pt" in err and "missing" in err and "--weights" in err
+    assert not out.exists() and not list(tmp_path.glob(".partial-*"))
+
+
+def test_bundled_weights_are_found_in_the_bundle(tmp_path, monkeypatch, tiny_weights):
+    bundle = _fake_bundle(tmp_path / "bundles", weights=tiny_weights)
+    monkeypatch.setattr(ldct_clip.bundles, "bundle_search_paths", lambda: [tmp_path / "bundles"])
+    assert bundled_weights_path() == (bundle / "models" / "model.pt").resolve()
+
+
+def test_demo_rejects_unusable_weights_before_writing(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "demo"
+    with pytest.raises(WeightsError):
+        run_demo(out, weights=bad, size=SIZE, slices=SLICES)
+    assert main(["demo", "--output", str(out), "--weights", str(tmp_path / "absent.pt")]) == 2
+    assert "absent.pt" in capsys.readouterr().err
+    assert not out.exists()
