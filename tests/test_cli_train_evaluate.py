@@ -232,3 +232,50 @@ def test_evaluate_mayo_npy_pairs(trained, tmp_path):
     # the Mayo input is the target plus N(0, (5/255)^2) in the model range: ~35.6 dB under "paper"
     assert 34 < summary["per_patient"]["L506"]["input"]["psnr"] < 37
     assert summary["n_slices"] == 2
+
+
+def test_train_with_simulated_noise(tmp_path, monkeypatch, capsys):
+    import ldct_clip.simulation
+
+    calls = []
+    original = ldct_clip.simulation.simulate_low_dose
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["dose"] if "dose" in kwargs else args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ldct_clip.simulation, "simulate_low_dose", counting)
+    data = phantom_volumes(tmp_path / "data", size=48, slices=2)
+    out = tmp_path / "run"
+    argv = [
+        "train", "--config", TRAIN_CONFIG, "--data", str(data), "--output", str(out), "--encoder-weights", "none",
+        "--iterations", "3", "--batch", "2", "--crop", "32", "--workers", "0", "--val-patients", "C",
+        "--layers", "1,1,1,1", "--width", "8", "--set", f'cache_dir="{tmp_path / "cache"}"',
+        "--noise", "simulated", "--noise-dose", "0.5", "--noise-realizations", "3",
+        "--set", "noise_views=60", "--set", "noise_workers=1",
+    ]  # fmt: skip
+    with one_thread():
+        assert main(argv) == 0
+    # 2 training patients x 3 realisations + 1 for the validation patient, at the requested dose
+    assert calls == [0.5] * 7
+    assert torch.load(out / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 3
+    assert (out / "model.pt").is_file()
+    capsys.readouterr()
+    assert main([*argv[:-6], "--noise", "simulated", "--noise-dose", "1.5", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--noise-dose must be a dose fraction" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_simulated_noise_refuses_mayo_npy(tmp_path, capsys):
+    from training_helpers import phantom_mayo_npy
+
+    data = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=2)
+    argv = [
+        "train", "--config", TRAIN_CONFIG, "--data", str(data), "--output", str(tmp_path / "o"),
+        "--encoder-weights", "none", "--val-patients", "P2", "--noise", "simulated", "--workers", "0",
+        "--layers", "1,1,1,1", "--width", "8",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Mayo npy" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "model.pt").exists()

@@ -156,3 +156,151 @@ def test_find_pairs_layouts(tmp_path):
         D.find_pairs(tmp_path)
     with pytest.raises(InputError, match="not a folder"):
         D.find_pairs(tmp_path / "missing")
+
+
+def _sim_kwargs(cache):
+    # few views and one process: a 48-pixel slice simulates in milliseconds
+    return {
+        "cache_dir": cache,
+        "noise": "simulated",
+        "noise_views": 60,
+        "noise_workers": 1,
+        "progress": False,
+    }
+
+
+def _count_simulations(monkeypatch) -> list:
+    import ldct_clip.simulation
+
+    calls = []
+    original = ldct_clip.simulation.simulate_low_dose
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ldct_clip.simulation, "simulate_low_dose", counting)
+    return calls
+
+
+def _dihedral_crops(array: np.ndarray, size: int):
+    """All (k, flip, row, col) crops of the 8 flips/rotations of a 2D array, as {key: view}."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(array, k)
+            t = t[::-1] if flip else t
+            windows = sliding_window_view(t, (size, size))
+            for r in range(windows.shape[0]):
+                for c in range(windows.shape[1]):
+                    yield (k, flip, r, c), windows[r, c]
+
+
+def test_simulated_noise_stream(tmp_path, monkeypatch):
+    from ldct_clip.io import save_nifti
+
+    root = tmp_path / "vol"
+    root.mkdir()
+    for i, patient in enumerate(("A", "B", "C")):
+        volume = make_phantom(size=48, slices=2, seed=i)
+        volume[0, 15:24, 14:20, :] = -3024.0  # padding inside the body, off-centre: shows the orientation
+        save_nifti(volume, root / f"{patient}.nii.gz")
+    calls = _count_simulations(monkeypatch)
+    kwargs = _sim_kwargs(tmp_path / "cache")
+    stream = D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
+    assert len(calls) == 4 and len(set(calls)) == 4  # 2 training volumes x 2 realisations, distinct seeds
+    base = stream.base
+    noise_cache = D.SimulatedNoiseCache(tmp_path / "cache", n_views=60, workers=1, progress=False)
+    clean_cache = D.VolumeSliceCache(tmp_path / "cache")
+    realisations = {p: noise_cache.noise(root / f"{p}.nii.gz", 2, name=p) for p in ("A", "B")}
+    clean = {p: clean_cache.slices(root / f"{p}.nii.gz") for p in ("A", "B")}
+    assert len(calls) == 4  # read back from the cache
+    for p in ("A", "B"):
+        first, second = realisations[p]
+        assert first.shape == clean[p].shape == (2, 48, 48) and not np.allclose(first, second)
+        assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.3  # independent draws
+        # padding (mapped to air, x = 0 exactly) gets no noise; the body does, in the same orientation
+        padding = clean[p] == 0.0
+        assert padding.sum() > 2 * 54 and not np.array_equal(padding, padding[:, ::-1, :])
+        assert not np.array_equal(padding, padding[:, :, ::-1])
+        assert np.all(first[padding] == 0) and np.mean(first[clean[p] > 0.2] != 0) > 0.95
+    chosen = set()
+    for position in range(8):
+        item = stream[position]
+        patient, z = item["patient"], item["slice"]
+        assert item["noise"].shape == item["label"].shape == item["image"].shape == (1, 32, 32)
+        assert torch.equal(item["image"], item["label"] + item["noise"])  # unclipped sum
+        assert torch.allclose(item["image"] - item["label"], item["noise"], atol=1e-7)
+        # the item's noise is one cached realisation under exactly the crop and flip of its label
+        matches = [
+            (k, key)
+            for k in range(2)
+            for key, view in _dihedral_crops(realisations[patient][k][z], 32)
+            if np.array_equal(view, item["noise"][0].numpy())
+        ]
+        assert len(matches) == 1
+        k, key = matches[0]
+        label_view = dict(_dihedral_crops(clean[patient][z], 32))[key]
+        np.testing.assert_array_equal(label_view, item["label"][0].numpy())
+        chosen.add(k)
+    assert chosen == {0, 1}  # both realisations are drawn
+    # the stream stays a function of seed and position
+    again = stream[5]
+    for p in (0, 9, 2):
+        stream[p]
+    assert torch.equal(stream[5]["image"], again["image"]) and torch.equal(stream[5]["noise"], again["noise"])
+    # a second construction reuses the cache: no simulation
+    D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
+    assert len(calls) == 4
+    # another dose is another cache entry
+    D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, noise_dose=0.5, **kwargs)
+    assert len(calls) == 8
+    assert base.patients == ["A", "B"]
+    # validation on the held-out patient's own simulated noise (one realisation), the same at every call
+    val = D.make_val_dataset(
+        root, ["C"], **{k: v for k, v in kwargs.items() if k != "noise"}, noise="simulated"
+    )
+    assert len(calls) == 9 and len(val) == 2
+    (c_noise,) = noise_cache.noise(root / "C.nii.gz", 1, name="C")
+    item = val[1]
+    np.testing.assert_allclose(item["image"][0] - item["label"][0], c_noise[1], atol=1e-6)
+    np.testing.assert_array_equal(item["image"], val[1]["image"])
+    assert float(np.abs(c_noise[1]).max()) > 0
+
+
+def test_simulated_noise_level_follows_dose(tmp_path):
+    """Quarter vs half dose: the added noise std scales as sqrt(1/d - 1) (electronic noise negligible), and
+    its level matches the calibration of DEFAULT_PHOTONS (20 HU added at quarter dose in a 300 mm water
+    cylinder at 0.7 mm pixels) scaled to this cylinder: std ~ sqrt(exp(mu D)) * pixel^-1.5."""
+    from ldct_clip.data.phantom import make_water_cylinder
+    from ldct_clip.io import save_nifti
+    from ldct_clip.simulation import MU_WATER_PER_MM, measure_noise_std
+
+    path = save_nifti(
+        make_water_cylinder(64, 2, diameter_mm=40, spacing=(0.8, 0.8, 3.0)), tmp_path / "W.nii.gz"
+    )
+    std = {}
+    for dose in (0.25, 0.5):
+        cache = D.SimulatedNoiseCache(tmp_path / "cache", dose=dose, n_views=90, workers=1, progress=False)
+        noise = np.concatenate(cache.noise(path, 2, name="W"))  # model units, (Z, H, W)
+        std[dose] = measure_noise_std(np.transpose(noise, (1, 2, 0)) * 4096.0, radius=8)  # HU, flat water
+    assert std[0.25] / std[0.5] == pytest.approx(np.sqrt(3.0), rel=0.1)
+    expected = 20.0 * np.sqrt(np.exp(MU_WATER_PER_MM * (40 - 300))) * (0.8 / 0.7) ** -1.5
+    assert std[0.25] == pytest.approx(expected, rel=0.25)
+    # the thickness comes from the volume (3 mm here) unless given: 4x thicker, half the noise
+    thick = D.SimulatedNoiseCache(
+        tmp_path / "cache", n_views=90, slice_thickness=12.0, workers=1, progress=False
+    )
+    noise = np.concatenate(thick.noise(path, 2, name="W"))
+    assert measure_noise_std(np.transpose(noise, (1, 2, 0)) * 4096.0, radius=8) == pytest.approx(
+        std[0.25] / 2, rel=0.1
+    )
+
+
+def test_simulated_noise_refuses_mayo_npy_and_unknown_noise(tmp_path):
+    root = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=2)
+    with pytest.raises(InputError, match="Mayo npy"):
+        D.make_train_dataset(root, val_patients=["P2"], crop_size=16, **_sim_kwargs(tmp_path / "cache"))
+    with pytest.raises(InputError, match="gaussian, simulated"):
+        D.make_train_dataset(root, val_patients=["P2"], crop_size=16, noise="poisson")

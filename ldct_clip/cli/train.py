@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         help="train the denoiser (MONAI bundle train config, the paper's recipe by default)",
         description=(
             "Train the CLIP-feature denoiser on normal-dose CT with the paper's recipe (Gaussian noise "
-            "sigma 5/255, mixup, AdamW, cosine LR, 40k iterations) through a MONAI bundle train config. "
+            "sigma 5/255, mixup, AdamW, cosine LR, 40k iterations) through a MONAI bundle train config, "
+            "or with simulated low-dose noise (--noise simulated). "
             "Data: a folder of {patient}_{slice}_target.npy slices (Mayo layout) or of normal-dose DICOM "
             "series / NIfTI volumes, one patient each."
         ),
@@ -55,7 +56,20 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int, metavar="N", help="batch size per process (default 16)")
     parser.add_argument("--crop", type=int, metavar="N", help="training crop size (default 128)")
     parser.add_argument(
-        "--noise", choices=["gaussian"], default="gaussian", help="training noise (the paper: gaussian)"
+        "--noise",
+        choices=["gaussian", "simulated"],
+        help="training noise: 'gaussian' (the paper, sigma --noise-sigma; default) or 'simulated' "
+        "(precomputed realisations of `ldct-clip simulate`'s low-dose noise per training volume, cached; "
+        "NIfTI/DICOM volumes only)",
+    )
+    parser.add_argument(
+        "--noise-dose", type=float, metavar="D", help="dose fraction of --noise simulated (default 0.25)"
+    )
+    parser.add_argument(
+        "--noise-realizations",
+        type=int,
+        metavar="N",
+        help="noise realisations simulated per volume for --noise simulated (default 2)",
     )
     parser.add_argument(
         "--noise-sigma", type=float, metavar="S", help="noise std in 1/255 of the model range (default 5)"
@@ -134,6 +148,16 @@ def build_overrides(args: argparse.Namespace) -> dict:
             if isinstance(value, int) and key not in ("seed",) and value < (0 if key == "num_workers" else 1):
                 raise InputError(f"--{key.replace('_', '-')} must be positive, got {value}")
             overrides[key] = value
+    if args.noise is not None:
+        overrides["noise"] = args.noise
+    if args.noise_dose is not None:
+        if not 0 < args.noise_dose <= 1:
+            raise InputError(f"--noise-dose must be a dose fraction in (0, 1], got {args.noise_dose}")
+        overrides["noise_dose"] = args.noise_dose
+    if args.noise_realizations is not None:
+        if args.noise_realizations < 1:
+            raise InputError(f"--noise-realizations must be at least 1, got {args.noise_realizations}")
+        overrides["noise_realizations"] = args.noise_realizations
     if args.noise_sigma is not None:
         if args.noise_sigma <= 0:
             raise InputError(f"--noise-sigma must be positive, got {args.noise_sigma}")

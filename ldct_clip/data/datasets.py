@@ -37,24 +37,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CopyItemsd,
     EnsureTyped,
+    MapTransform,
     RandGaussianNoised,
+    Randomizable,
     RandSpatialCropd,
     SpatialPadd,
 )
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
 from ldct_clip.errors import InputError
 from ldct_clip.transforms.augment import RandDihedrald
 
 __all__ = [
+    "NOISE_KINDS",
     "SLICE_ORIENTATION",
     "TRAIN_NOISE_STD",
+    "AddNoised",
     "CTSliceDataset",
     "PairedSliceDataset",
+    "SelectNoiseRealizationd",
+    "SimulatedNoiseCache",
     "StreamDataset",
     "StreamSampler",
     "VolumeSliceCache",
@@ -74,6 +82,9 @@ SLICE_ORIENTATION = "LPS"
 
 #: The paper's training noise: Gaussian, sigma 5/255 on the model range, not clipped.
 TRAIN_NOISE_STD = 5.0 / 255.0
+
+#: Training noise kinds: the paper's Gaussian, or cached realisations of ``ldct_clip.simulation``'s low dose.
+NOISE_KINDS = ("gaussian", "simulated")
 
 _MAYO_NAME = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)_(?P<kind>input|target)\.npy$")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -300,38 +311,157 @@ class VolumeSliceCache:
             h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:32]
 
-    def decode(self, path: str | os.PathLike) -> np.ndarray:
-        """The volume at ``path`` as a normalised float32 array (Z, H, W), without caching."""
+    def load_oriented(self, path: str | os.PathLike):
+        """The HU volume at ``path`` (``MetaTensor`` (1, X, Y, Z)) reoriented to ``orientation``."""
         from monai.transforms import Orientation
 
         from ldct_clip.io import load_ct
-        from ldct_clip.transforms import HUToModelRange
 
         volume = load_ct(path)
         if self.orientation is not None:
             volume = Orientation(axcodes=self.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(
                 volume
             )
+        return volume
+
+    def decode(self, path: str | os.PathLike) -> np.ndarray:
+        """The volume at ``path`` as a normalised float32 array (Z, H, W), without caching."""
+        from ldct_clip.transforms import HUToModelRange
+
+        volume = self.load_oriented(path)
         x = HUToModelRange(hu_min=self.hu_range[0], hu_max=self.hu_range[1])(volume)
         x = torch.as_tensor(x)[0].permute(2, 0, 1)
         return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+    def _save(self, target: Path, array: np.ndarray) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def slices(self, path: str | os.PathLike) -> np.ndarray:
         """Memory-mapped (Z, H, W) normalised slices of the volume at ``path``, decoding it the first time."""
         path = Path(path)
         target = self.cache_dir / f"{self._key(path)}.npy"
         if not target.exists():
-            array = self.decode(path)
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, array)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            self._save(target, self.decode(path))
         return np.load(target, mmap_mode="r")
+
+
+class SimulatedNoiseCache(VolumeSliceCache):
+    """Realisations of simulated low-dose noise of a CT volume, in model units, cached like its slices.
+
+    Realisation ``k`` of a volume is ``simulate_low_dose(volume_hu, dose, seed=s_k) - volume_hu`` (the
+    projection-domain model of ``ldct_clip.simulation``: anatomy untouched, noise only) divided by the
+    width of ``hu_range`` (4096 HU by default, the scale of ``HUToModelRange``), so ``clean + noise`` is
+    the simulated low-dose slice in the model range. The volume is simulated in the same orientation as
+    :class:`VolumeSliceCache` stores its slices, so noise slice ``z`` lies exactly on clean slice ``z``;
+    padding outside the field of view gets no noise. The slice thickness is, unless given, the one
+    ``ldct-clip simulate`` uses (DICOM SliceThickness, else the slice spacing). ``s_k`` hashes the
+    caller's volume name and ``k``, so patients of the same size do not share their noise draws.
+
+    Each realisation is a float32 ``.npy`` file (Z, H, W), read back memory-mapped, named by a hash of the
+    volume's path, size and modification times, the normalisation, the dose, the realisation's seed and
+    the simulation parameters: a second dataset construction simulates nothing.
+
+    Args:
+        cache_dir: folder of the ``.npy`` cache files (created when needed).
+        dose: dose fraction of the simulated scan (0.25: quarter dose).
+        photons: full-dose photon count of the simulation (None: ``ldct_clip.simulation.DEFAULT_PHOTONS``).
+        n_views: projection angles (None: ``ldct_clip.simulation.DEFAULT_N_VIEWS``); fewer is faster.
+        slice_thickness: slice thickness (mm) of the simulation (None: the volume's, as ``ldct-clip
+            simulate``; ``simulate_low_dose`` called directly assumes 3 mm).
+        workers: simulation processes (None: one per CPU).
+        progress: show the simulation's progress bars.
+        orientation: axis codes of the slices (as :class:`VolumeSliceCache`).
+        hu_range: HU interval of the model range (as :class:`VolumeSliceCache`).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        dose: float = 0.25,
+        photons: float | None = None,
+        n_views: int | None = None,
+        slice_thickness: float | None = None,
+        workers: int | None = None,
+        progress: bool = True,
+        orientation: str | None = SLICE_ORIENTATION,
+        hu_range: tuple[float, float] = (-1024.0, 3072.0),
+    ) -> None:
+        from ldct_clip.simulation import DEFAULT_N_VIEWS, DEFAULT_PHOTONS
+
+        super().__init__(cache_dir, orientation, hu_range)
+        if not 0.0 < float(dose) <= 1.0:
+            raise InputError(
+                f"noise_dose={dose} must be a dose fraction in (0, 1], e.g. 0.25 for quarter dose"
+            )
+        self.dose = float(dose)
+        self.photons = float(DEFAULT_PHOTONS if photons is None else photons)
+        self.n_views = int(DEFAULT_N_VIEWS if n_views is None else n_views)
+        self.slice_thickness = None if slice_thickness is None else float(slice_thickness)
+        self.workers = workers
+        self.progress = progress
+
+    @staticmethod
+    def realization_seed(name: str, k: int) -> int:
+        """The simulation seed of realisation ``k`` of the volume called ``name`` (stable across machines)."""
+        return int(hashlib.sha256(f"{name}|{k}".encode()).hexdigest()[:8], 16)
+
+    def _noise_key(self, path: Path, seed: int) -> str:
+        simulation = f"{self.dose}|{seed}|{self.photons}|{self.n_views}|{self.slice_thickness}"
+        params = f"{self._key(path)}|noise|{simulation}|v1"
+        return hashlib.sha256(params.encode()).hexdigest()[:32]
+
+    def noise(
+        self, path: str | os.PathLike, realizations: int = 2, name: str | None = None
+    ) -> list[np.ndarray]:
+        """``realizations`` memory-mapped (Z, H, W) noise arrays of the volume at ``path``.
+
+        Args:
+            path: NIfTI file or DICOM series folder.
+            realizations: how many independent realisations.
+            name: the volume's name for the seeds (the patient id; default the file/folder name).
+        """
+        from ldct_clip.cli.simulate import _slice_thickness  # the thickness `ldct-clip simulate` uses
+        from ldct_clip.simulation import simulate_low_dose
+        from ldct_clip.transforms.intensity import DEFAULT_PADDING_THRESHOLD
+
+        path = Path(path)
+        name = path.name if name is None else name
+        seeds = [self.realization_seed(name, k) for k in range(int(realizations))]
+        targets = [self.cache_dir / f"{self._noise_key(path, s)}.npy" for s in seeds]
+        volume = None
+        for k, (seed, target) in enumerate(zip(seeds, targets)):
+            if target.exists():
+                continue
+            if volume is None:
+                volume = self.load_oriented(path)
+                hu = torch.as_tensor(volume).detach().cpu().numpy()[0].astype(np.float32)
+                thickness = _slice_thickness(volume) if self.slice_thickness is None else self.slice_thickness
+            if self.progress:
+                tqdm.write(f"simulating training noise of {name} ({k + 1}/{len(seeds)}, dose {self.dose:g})")
+            low = simulate_low_dose(
+                volume,
+                self.dose,
+                photons=self.photons,
+                n_views=self.n_views,
+                seed=seed,
+                workers=self.workers,
+                progress=self.progress,
+                slice_thickness=thickness,
+            )
+            noise = (torch.as_tensor(low).detach().cpu().numpy()[0] - hu) / (
+                self.hu_range[1] - self.hu_range[0]
+            )
+            noise[hu < DEFAULT_PADDING_THRESHOLD] = 0.0  # HUToModelRange turns padding into flat air
+            self._save(target, np.ascontiguousarray(np.transpose(noise, (2, 0, 1)), dtype=np.float32))
+        return [np.load(t, mmap_mode="r") for t in targets]
 
 
 def _default_cache_dir() -> Path:
@@ -341,12 +471,23 @@ def _default_cache_dir() -> Path:
 class CTSliceDataset(Dataset):
     """Normal-dose slices of some patients, as ``{"label": (1, H, W) float32, "patient", "slice"}``.
 
+    With ``noise`` (a :class:`SimulatedNoiseCache`), items also carry ``"noise"``: the
+    ``noise_realizations`` cached realisations of simulated low-dose noise of that slice, (R, H, W) float32;
+    :class:`SelectNoiseRealizationd` picks one. Simulated noise needs the HU volume and its geometry, so it
+    is for the volumes layout only: the Mayo npy slices are already normalised, without pixel size or
+    thickness, and their ``_input`` slices are the real low dose (evaluation data, not training noise).
+
     Args:
         data_dir: folder in the ``"mayo_npy"`` or ``"volumes"`` layout.
         patients: the patients to include (None: all).
         cache_dir: slice cache of the volumes layout (default ``$LDCT_CLIP_CACHE`` or
-            ``~/.cache/ldct_clip/slices``).
+            ``~/.cache/ldct_clip/slices``); also where ``noise`` is cached when it has no folder of its own.
         transform: applied to each item (None: none).
+        noise: cache of simulated noise (None: items without ``"noise"``).
+        noise_realizations: realisations per volume.
+
+    Raises:
+        InputError: ``noise`` with the Mayo npy layout.
     """
 
     def __init__(
@@ -355,35 +496,53 @@ class CTSliceDataset(Dataset):
         patients: Sequence[str] | None = None,
         cache_dir: str | os.PathLike | None = None,
         transform: Callable | None = None,
+        noise: SimulatedNoiseCache | None = None,
+        noise_realizations: int = 2,
     ) -> None:
         self.layout = detect_layout(data_dir)
         self.transform = transform
-        self._items: list[tuple[str, int, Callable[[], np.ndarray]]] = []
+        self._items: list[tuple[str, int, Callable[[], np.ndarray], Callable[[], np.ndarray] | None]] = []
         if self.layout == "mayo_npy":
+            if noise is not None:
+                raise InputError(
+                    f"{data_dir} holds Mayo npy slices (normalised, no pixel size): simulated training noise "
+                    "needs CT volumes (NIfTI files or DICOM series); use noise 'gaussian' with this data"
+                )
             for s in find_mayo_npy(data_dir):
                 if patients is None or s["patient"] in patients:
-                    self._items.append((s["patient"], s["slice"], _npy_reader(s["target"])))
+                    self._items.append((s["patient"], s["slice"], _npy_reader(s["target"]), None))
         else:
+            if int(noise_realizations) < 1:
+                raise InputError(f"noise_realizations={noise_realizations} must be at least 1")
             cache = VolumeSliceCache(cache_dir or _default_cache_dir())
-            for v in find_volumes(data_dir):
-                if patients is not None and v["patient"] not in patients:
-                    continue
+            volumes = [v for v in find_volumes(data_dir) if patients is None or v["patient"] in patients]
+            for v in volumes:
                 array = cache.slices(v["path"])
+                noises = None
+                if noise is not None:
+                    noises = noise.noise(v["path"], int(noise_realizations), name=v["patient"])
+                    if any(n.shape != array.shape for n in noises):
+                        raise InputError(
+                            f"the noise cache of {v['path']} does not match it: delete {noise.cache_dir}"
+                        )
                 for z in range(array.shape[0]):
-                    self._items.append((v["patient"], z, _slice_reader(array, z)))
+                    read_noise = _stack_reader(noises, z) if noises is not None else None
+                    self._items.append((v["patient"], z, _slice_reader(array, z), read_noise))
         if not self._items:
             raise InputError(f"no CT slices found in {data_dir} for patients {patients}")
 
     @property
     def patients(self) -> list[str]:
-        return sorted({p for p, _, _ in self._items})
+        return sorted({item[0] for item in self._items})
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict:
-        patient, z, read = self._items[index]
+        patient, z, read, read_noise = self._items[index]
         item = {"label": read()[None].astype(np.float32), "patient": patient, "slice": z}
+        if read_noise is not None:
+            item["noise"] = read_noise()
         return self.transform(item) if self.transform is not None else item
 
 
@@ -395,8 +554,69 @@ def _slice_reader(array: np.ndarray, z: int) -> Callable[[], np.ndarray]:
     return lambda: np.asarray(array[z], dtype=np.float32)
 
 
+def _sum_reader(array: np.ndarray, noise: np.ndarray, z: int) -> Callable[[], np.ndarray]:
+    return lambda: np.asarray(array[z], dtype=np.float32) + np.asarray(noise[z], dtype=np.float32)
+
+
+def _stack_reader(arrays: Sequence[np.ndarray], z: int) -> Callable[[], np.ndarray]:
+    return lambda: np.stack([np.asarray(a[z], dtype=np.float32) for a in arrays])
+
+
+class SelectNoiseRealizationd(Randomizable, MapTransform):
+    """Replace the (R, H, W) stack of noise realisations under ``keys`` by one of them, (1, H, W).
+
+    The realisation is drawn uniformly with the transform's own random state, so a
+    :class:`StreamDataset` (which reseeds its transforms per stream position) draws the same one for the
+    same position. Our own transform: MONAI has no random channel selection.
+
+    Args:
+        keys: keys of the realisation stacks.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self._index = 0
+
+    def randomize(self, n: int) -> None:
+        self._index = int(self.R.randint(n))
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        first = next(self.key_iterator(d), None)
+        if first is None:
+            return d
+        self.randomize(len(d[first]))
+        for key in self.key_iterator(d):
+            d[key] = d[key][self._index : self._index + 1]
+        return d
+
+
+class AddNoised(MapTransform):
+    """``data[output_key] = data[key] + data[noise_key]``, not clipped (the noisy training input).
+
+    Args:
+        keys: the clean image key (one).
+        noise_key: key of the noise, same shape.
+        output_key: key of the sum.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "label", noise_key: str = "noise", output_key: str = "image"
+    ) -> None:
+        super().__init__(keys)
+        self.noise_key = noise_key
+        self.output_key = output_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = d[key] + d[self.noise_key]
+        return d
+
+
 def train_transforms(
-    crop_size: int = 128, noise_std: float = TRAIN_NOISE_STD, dihedral: bool = True
+    crop_size: int = 128, noise_std: float = TRAIN_NOISE_STD, dihedral: bool = True, noise: str = "gaussian"
 ) -> Compose:
     """The paper's per-sample training transforms on ``{"label": clean slice}``.
 
@@ -404,7 +624,28 @@ def train_transforms(
     flips/rotations, then ``"image"`` = the clean crop plus Gaussian noise of std ``noise_std``, not
     clipped (MONAI's ``RandGaussianNoised`` with ``prob=1`` and a fixed std is exactly that). Output:
     plain float32 tensors (1, crop_size, crop_size).
+
+    With ``noise="simulated"`` the items carry ``"noise"``, a stack of simulated noise realisations
+    (:class:`CTSliceDataset` with a :class:`SimulatedNoiseCache`): one realisation is drawn, cropped and
+    flipped together with ``"label"`` (same crop, same flip), and ``"image"`` = label + noise, not clipped;
+    ``noise_std`` is unused.
     """
+    if noise == "simulated":
+        keys = ("label", "noise")
+        transforms = [
+            SelectNoiseRealizationd("noise"),
+            SpatialPadd(keys, spatial_size=(crop_size, crop_size), mode="reflect"),
+            RandSpatialCropd(keys, roi_size=(crop_size, crop_size), random_size=False),
+        ]
+        if dihedral:
+            transforms.append(RandDihedrald(keys))
+        transforms += [
+            AddNoised("label", noise_key="noise", output_key="image"),
+            EnsureTyped(("image", "label", "noise"), data_type="tensor", track_meta=False),
+        ]
+        return Compose(transforms)
+    if noise != "gaussian":
+        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
     transforms = [
         SpatialPadd("label", spatial_size=(crop_size, crop_size), mode="reflect"),
         RandSpatialCropd("label", roi_size=(crop_size, crop_size), random_size=False),
@@ -496,12 +737,58 @@ def make_train_dataset(
     crop_size: int = 128,
     noise_std: float = TRAIN_NOISE_STD,
     cache_dir: str | os.PathLike | None = None,
+    noise: str = "gaussian",
+    noise_dose: float = 0.25,
+    noise_realizations: int = 2,
+    noise_photons: float | None = None,
+    noise_views: int | None = None,
+    noise_thickness: float | None = None,
+    noise_workers: int | None = None,
+    progress: bool = True,
 ) -> StreamDataset:
-    """The training stream: normal-dose slices of the training patients, cropped, flipped, noised."""
+    """The training stream: normal-dose slices of the training patients, cropped, flipped, noised.
+
+    Args:
+        data_dir: training data folder (``"mayo_npy"`` or ``"volumes"`` layout).
+        val_patients: patients held out (see :func:`split_patients`).
+        val_fraction: else this fraction of the patients is held out.
+        seed: seed of the split and of the whole stream.
+        crop_size: training crop size.
+        noise_std: std of the Gaussian noise (model range), for ``noise="gaussian"``.
+        cache_dir: slice and noise cache (see :class:`CTSliceDataset`).
+        noise: ``"gaussian"`` (the paper) or ``"simulated"``: ``noise_realizations`` precomputed
+            realisations per volume of ``ldct_clip.simulation.simulate_low_dose`` at ``noise_dose``
+            (volumes layout only), one drawn per item.
+        noise_dose: dose fraction of the simulated noise (0.25: quarter dose).
+        noise_realizations: simulated realisations per volume.
+        noise_photons: full-dose photons of the simulation (None: ``DEFAULT_PHOTONS``).
+        noise_views: projection angles of the simulation (None: ``DEFAULT_N_VIEWS``).
+        noise_thickness: slice thickness (mm) of the simulation (None: each volume's own).
+        noise_workers: simulation processes (None: one per CPU).
+        progress: show progress bars while simulating.
+
+    Raises:
+        InputError: unknown ``noise``, or simulated noise with the Mayo npy layout.
+    """
+    if noise not in NOISE_KINDS:
+        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
     patients = _all_patients(data_dir)
     train, _ = split_patients(patients, val_patients, val_fraction, seed)
-    base = CTSliceDataset(data_dir, train, cache_dir=cache_dir)
-    return StreamDataset(base, train_transforms(crop_size, noise_std), seed=seed)
+    simulated = None
+    if noise == "simulated":
+        simulated = SimulatedNoiseCache(
+            cache_dir or _default_cache_dir(),
+            noise_dose,
+            noise_photons,
+            noise_views,
+            noise_thickness,
+            noise_workers,
+            progress,
+        )
+    base = CTSliceDataset(
+        data_dir, train, cache_dir=cache_dir, noise=simulated, noise_realizations=noise_realizations
+    )
+    return StreamDataset(base, train_transforms(crop_size, noise_std, noise=noise), seed=seed)
 
 
 def _all_patients(data_dir: str | os.PathLike) -> list[str]:
@@ -521,7 +808,9 @@ class PairedSliceDataset(Dataset):
     """Validation slices ``{"image": noisy, "label": clean, "patient", "slice"}``, (1, H, W) float32 each.
 
     Mayo npy data give their real low-dose ``input``; volumes get Gaussian noise of std ``noise_std``
-    seeded per slice (the same noisy slices at every validation).
+    seeded per slice (the same noisy slices at every validation), or, with ``noise`` (a
+    :class:`SimulatedNoiseCache`), the first cached realisation of simulated low-dose noise of the volume
+    (held-out patients: never seen in training).
 
     Args:
         data_dir: folder in the ``"mayo_npy"`` or ``"volumes"`` layout.
@@ -530,6 +819,7 @@ class PairedSliceDataset(Dataset):
         max_slices_per_patient: keep at most this many slices per patient, evenly spaced (None: all).
         cache_dir: slice cache of the volumes layout.
         seed: seed of the synthetic noise.
+        noise: simulated noise for the volumes layout instead of the Gaussian (None: Gaussian).
     """
 
     def __init__(
@@ -540,6 +830,7 @@ class PairedSliceDataset(Dataset):
         max_slices_per_patient: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
+        noise: SimulatedNoiseCache | None = None,
     ) -> None:
         self.layout = detect_layout(data_dir)
         self.noise_std = float(noise_std)
@@ -560,7 +851,16 @@ class PairedSliceDataset(Dataset):
             for v in find_volumes(data_dir):
                 if v["patient"] in patients:
                     array = cache.slices(v["path"])
-                    items += [(v["patient"], z, _slice_reader(array, z), None) for z in range(array.shape[0])]
+                    if noise is None:
+                        items += [
+                            (v["patient"], z, _slice_reader(array, z), None) for z in range(array.shape[0])
+                        ]
+                    else:
+                        sim = noise.noise(v["path"], 1, name=v["patient"])[0]
+                        items += [
+                            (v["patient"], z, _slice_reader(array, z), _sum_reader(array, sim, z))
+                            for z in range(array.shape[0])
+                        ]
         if max_slices_per_patient:
             kept = []
             for _, group in itertools.groupby(items, key=lambda t: t[0]):
@@ -596,16 +896,40 @@ def make_val_dataset(
     noise_std: float = TRAIN_NOISE_STD,
     max_slices_per_patient: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    noise: str = "gaussian",
+    noise_dose: float = 0.25,
+    noise_photons: float | None = None,
+    noise_views: int | None = None,
+    noise_thickness: float | None = None,
+    noise_workers: int | None = None,
+    progress: bool = True,
 ) -> PairedSliceDataset:
     """The validation slices of the held-out patients (same split as :func:`make_train_dataset`).
 
+    With ``noise="simulated"`` volumes are validated on one realisation of simulated low-dose noise
+    (the ``noise_*`` arguments as in :func:`make_train_dataset`), so the best checkpoint is chosen on the
+    noise the model is trained for; Mayo npy data always use their real low-dose input.
+
     Raises:
-        InputError: no validation patient (give ``val_patients`` or ``val_fraction``).
+        InputError: no validation patient (give ``val_patients`` or ``val_fraction``), unknown ``noise``.
     """
+    if noise not in NOISE_KINDS:
+        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
     _, val = split_patients(_all_patients(data_dir), val_patients, val_fraction, seed)
     if not val:
         raise InputError("no validation patients: set val_patients (e.g. L506) or val_fraction (e.g. 0.2)")
-    return PairedSliceDataset(data_dir, val, noise_std, max_slices_per_patient, cache_dir, seed)
+    simulated = None
+    if noise == "simulated":
+        simulated = SimulatedNoiseCache(
+            cache_dir or _default_cache_dir(),
+            noise_dose,
+            noise_photons,
+            noise_views,
+            noise_thickness,
+            noise_workers,
+            progress,
+        )
+    return PairedSliceDataset(data_dir, val, noise_std, max_slices_per_patient, cache_dir, seed, simulated)
 
 
 def load_pair_volumes(pair: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
