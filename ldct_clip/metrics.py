@@ -204,6 +204,13 @@ def _scored(hu: torch.Tensor, proto: MetricProtocol) -> torch.Tensor:
     return (t - low) / (high - low) if proto.windowed else t
 
 
+def _scored_pair(
+    pred_hu: torch.Tensor, target_hu: torch.Tensor, proto: MetricProtocol
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pred, target = (_scored(_as_slices(t, proto.dtype), proto) for t in (pred_hu, target_hu))
+    return pred, target
+
+
 def psnr(
     pred_hu: torch.Tensor,
     target_hu: torch.Tensor,
@@ -212,10 +219,7 @@ def psnr(
 ) -> torch.Tensor:
     """PSNR (dB) per slice of HU slices under ``protocol``; shape (B,)."""
     proto = get_protocol(protocol, anatomy)
-    a, b = (
-        _scored(_as_slices(pred_hu, proto.dtype), proto),
-        _scored(_as_slices(target_hu, proto.dtype), proto),
-    )
+    a, b = _scored_pair(pred_hu, target_hu, proto)
     mse = _slice_means((a - b) ** 2)
     # log10 in the working dtype, the factor 10 in float64: the reference computes
     # ``10 * torch.log10(R**2 / mse).item()``, so its float32 PSNRs are 10 x a float32 number
@@ -230,10 +234,7 @@ def ssim(
 ) -> torch.Tensor:
     """SSIM per slice of HU slices under ``protocol``; shape (B,)."""
     proto = get_protocol(protocol, anatomy)
-    a, b = (
-        _scored(_as_slices(pred_hu, proto.dtype), proto),
-        _scored(_as_slices(target_hu, proto.dtype), proto),
-    )
+    a, b = _scored_pair(pred_hu, target_hu, proto)
     return _slice_means(ssim_map(a, b, proto.data_range, proto.ssim_window))
 
 

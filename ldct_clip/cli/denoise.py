@@ -160,6 +160,12 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     bundle = resolve_bundle(args.bundle or DEFAULT_CT_BUNDLE)
     args.weights = _weights(args.weights, bundle)
+    from ldct_clip.image_denoising import bundle_task
+
+    if bundle_task(bundle) != "ct":  # sRGB / synthetic-noise bundles: image files in and out
+        from ldct_clip.cli.denoise_images import run_images
+
+        return run_images(args, bundle)
     rank, world = _distributed()
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1 and device.index is None:

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ldct_clip.errors import InputError
+from ldct_clip.io.dicom_series import is_dicom_file
 from ldct_clip.transforms.augment import RandDihedrald
 
 __all__ = [
@@ -126,19 +127,10 @@ def find_mayo_npy(root: str | os.PathLike) -> list[dict]:
     return [slices[k] for k in sorted(slices) if slices[k]["target"] is not None]
 
 
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _dicom_dirs(root: Path) -> list[Path]:
     dirs = []
     for dirpath, _, filenames in os.walk(root):
-        if any(_is_dicom_file(Path(dirpath) / name) for name in sorted(filenames)[:3]):
+        if any(is_dicom_file(Path(dirpath) / name) for name in sorted(filenames)[:3]):
             dirs.append(Path(dirpath))
     return sorted(dirs)
 
@@ -729,6 +721,29 @@ class StreamSampler(Sampler):
             yield from range(first, first + self.batch_size)
 
 
+def _check_noise_kind(noise: str) -> None:
+    if noise not in NOISE_KINDS:
+        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
+
+
+def _simulated_noise_cache(
+    noise: str,
+    cache_dir: str | os.PathLike | None,
+    dose: float,
+    photons: float | None,
+    views: int | None,
+    thickness: float | None,
+    workers: int | None,
+    progress: bool,
+) -> SimulatedNoiseCache | None:
+    """The simulated-noise cache shared by the training and validation datasets, None for other noise."""
+    if noise != "simulated":
+        return None
+    return SimulatedNoiseCache(
+        cache_dir or _default_cache_dir(), dose, photons, views, thickness, workers, progress
+    )
+
+
 def make_train_dataset(
     data_dir: str | os.PathLike,
     val_patients: Sequence[str] | str | None = None,
@@ -770,21 +785,12 @@ def make_train_dataset(
     Raises:
         InputError: unknown ``noise``, or simulated noise with the Mayo npy layout.
     """
-    if noise not in NOISE_KINDS:
-        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
+    _check_noise_kind(noise)
     patients = _all_patients(data_dir)
     train, _ = split_patients(patients, val_patients, val_fraction, seed)
-    simulated = None
-    if noise == "simulated":
-        simulated = SimulatedNoiseCache(
-            cache_dir or _default_cache_dir(),
-            noise_dose,
-            noise_photons,
-            noise_views,
-            noise_thickness,
-            noise_workers,
-            progress,
-        )
+    simulated = _simulated_noise_cache(
+        noise, cache_dir, noise_dose, noise_photons, noise_views, noise_thickness, noise_workers, progress
+    )
     base = CTSliceDataset(
         data_dir, train, cache_dir=cache_dir, noise=simulated, noise_realizations=noise_realizations
     )
@@ -913,22 +919,13 @@ def make_val_dataset(
     Raises:
         InputError: no validation patient (give ``val_patients`` or ``val_fraction``), unknown ``noise``.
     """
-    if noise not in NOISE_KINDS:
-        raise InputError(f"noise={noise!r} is not a training noise: use one of {', '.join(NOISE_KINDS)}")
+    _check_noise_kind(noise)
     _, val = split_patients(_all_patients(data_dir), val_patients, val_fraction, seed)
     if not val:
         raise InputError("no validation patients: set val_patients (e.g. L506) or val_fraction (e.g. 0.2)")
-    simulated = None
-    if noise == "simulated":
-        simulated = SimulatedNoiseCache(
-            cache_dir or _default_cache_dir(),
-            noise_dose,
-            noise_photons,
-            noise_views,
-            noise_thickness,
-            noise_workers,
-            progress,
-        )
+    simulated = _simulated_noise_cache(
+        noise, cache_dir, noise_dose, noise_photons, noise_views, noise_thickness, noise_workers, progress
+    )
     return PairedSliceDataset(data_dir, val, noise_std, max_slices_per_patient, cache_dir, seed, simulated)
 
 

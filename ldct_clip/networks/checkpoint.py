@@ -56,6 +56,23 @@ def save_checkpoint(path: str | os.PathLike, model: CLIPDenoiser, extra: Mapping
     return path
 
 
+def torch_load_file(path: Path, what: str, fix: str):
+    """``torch.load`` (``weights_only=True``, on CPU) of a file, any failure as one WeightsError line.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (e.g. "checkpoint").
+        fix: how the user fixes an unreadable file, appended to that message.
+    """
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise WeightsError(f"cannot read {what} {path} ({type(error).__name__}: {detail}); {fix}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint file (``weights_only=True``, on CPU) into a dict.
 
@@ -63,16 +80,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         WeightsError: missing, truncated or corrupt file, or not a dict.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise WeightsError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {detail}); the file is truncated, "
-            "corrupt or not a PyTorch checkpoint"
-        ) from None
+    obj = torch_load_file(path, "checkpoint", "the file is truncated, corrupt or not a PyTorch checkpoint")
     if not isinstance(obj, dict):
         raise WeightsError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj

@@ -15,6 +15,7 @@ import open_clip
 import torch
 
 from ldct_clip.errors import WeightsError
+from ldct_clip.networks.checkpoint import torch_load_file
 from ldct_clip.networks.encoder import UNUSED_ENCODER_PREFIXES
 from ldct_clip.networks.state_dict import check_state_dict_fits, name_some, strip_prefix
 
@@ -46,16 +47,7 @@ def read_reference_checkpoint(path: str | os.PathLike, key: str = "auto") -> dic
     path = Path(path)
     if key not in ("auto", *REFERENCE_KEYS):
         raise WeightsError(f"key={key!r} is not one of auto, {', '.join(REFERENCE_KEYS)}")
-    if not path.is_file():
-        raise WeightsError(f"reference checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle with code, not a torch file...
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise WeightsError(
-            f"cannot read reference checkpoint {path} ({type(error).__name__}: {detail}); "
-            "pass a complete BasicSR .pth file"
-        ) from None
+    obj = torch_load_file(path, "reference checkpoint", "pass a complete BasicSR .pth file")
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict or BasicSR checkpoint")
     present = [k for k in REFERENCE_KEYS if isinstance(obj.get(k), Mapping)]
