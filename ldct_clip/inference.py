@@ -60,10 +60,11 @@ PAD_MULTIPLE = 32
 #: Slices per forward pass. CPU: 2 keeps 512x512x300 within "volume + 1.5 GB" of memory; 4 is ~25% faster
 #: per slice with bf16 but needs ~0.5 GB more (benchmarks/README.md). GPU: not measured, a safe guess.
 DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 16}
-#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default.
-#: Measured (benchmarks/README.md): with channels_last 2-3x faster than float32, outputs within 71 dB PSNR
-#: of float32 (about 1 HU rms), i.e. < 0.01 dB lost at the ~43 dB of a trained CT model (< 0.05 dB asked).
-CPU_AMP_DEFAULT: torch.dtype | None = torch.bfloat16
+#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default:
+#: float32. With random weights bf16 looked free (outputs within 71 dB of float32), but with trained CT
+#: weights it cost 0.074 dB PSNR on held-out simulated quarter dose (0.12 dB on the phantom pair; see
+#: benchmarks/README.md), over the 0.05 dB allowed, so bf16 on CPU is opt-in (``amp="bf16"``, ``--amp``).
+CPU_AMP_DEFAULT: torch.dtype | None = None
 
 #: Orientation the network sees slices in: DICOM's display orientation (x towards the patient's left, y
 #: towards posterior), that of the training slices; an axial DICOM series is already stored like this.

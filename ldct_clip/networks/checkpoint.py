@@ -49,6 +49,10 @@ def save_checkpoint(path: str | os.PathLike, model: CLIPDenoiser, extra: Mapping
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        # mkstemp creates owner-only files; a checkpoint gets the permissions any new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
