@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+from bundle_spec import REQUIRED_KEYS, TENSOR_KEYS
 from denoise_helpers import TINY, phantom_series, tiny_checkpoint
 from monai.bundle import ckpt_export, verify_net_in_out
 
@@ -26,32 +27,6 @@ BUNDLE = resolve_bundle(DEFAULT_CT_BUNDLE)
 META = BUNDLE / "configs" / "metadata.json"
 INFERENCE = BUNDLE / "configs" / "inference.json"
 
-# docs/source/mb_specification.rst of MONAI: mandatory keys of metadata.json and of each tensor format.
-# MONAI >= 1.2 names the package list "required_packages_version" (it renames the older
-# "optional_packages_version" on load).
-REQUIRED_KEYS = (
-    "version",
-    "monai_version",
-    "pytorch_version",
-    "numpy_version",
-    "required_packages_version",
-    "task",
-    "description",
-    "authors",
-    "copyright",
-    "network_data_format",
-)
-TENSOR_KEYS = (
-    "type",
-    "format",
-    "modality",
-    "num_channels",
-    "spatial_shape",
-    "dtype",
-    "value_range",
-    "is_patch_data",
-    "channel_def",
-)
 VERSION = re.compile(r"^\d+\.\d+(\.\d+)?")
 
 

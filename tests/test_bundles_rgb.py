@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from bundle_spec import REQUIRED_KEYS, TENSOR_KEYS
 from monai.bundle import ConfigParser, verify_net_in_out
 from rgb_helpers import (
     RGB_BUNDLES,
@@ -38,29 +39,6 @@ from ldct_clip.transforms import CameraPipelineNoised, GaussianNoise
 sys.path.insert(0, str(resolve_bundle("srgb_denoising").parents[1] / "data_prep"))
 from make_srgb_pairs import make_srgb_pairs  # noqa: E402
 
-REQUIRED_KEYS = (
-    "version",
-    "monai_version",
-    "pytorch_version",
-    "numpy_version",
-    "required_packages_version",
-    "task",
-    "description",
-    "authors",
-    "copyright",
-    "network_data_format",
-)
-TENSOR_KEYS = (
-    "type",
-    "format",
-    "modality",
-    "num_channels",
-    "spatial_shape",
-    "dtype",
-    "value_range",
-    "is_patch_data",
-    "channel_def",
-)
 AUG_LEVEL = {"synthetic_denoising": 0.025, "srgb_denoising": 0.05}
 PROTOCOL = {"synthetic_denoising": "synthetic", "srgb_denoising": "srgb"}
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
