@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydicom import dcmwrite
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -38,6 +37,7 @@ from ldct_clip.io.dicom_series import (
     select_series,
     sorted_series_geometry,
 )
+from ldct_clip.io.volume_array import single_channel_array
 
 __all__ = [
     "DENOISED_SUFFIX",
@@ -181,16 +181,7 @@ def write_dataset(ds: Dataset, path: Path, transfer_syntax: str | UID = Explicit
 
 
 def _as_volume(volume) -> np.ndarray:
-    array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    if array.ndim == 4:
-        if array.shape[0] != 1:
-            raise OutputError(
-                f"volume has {array.shape[0]} channels; DICOM output takes one channel (1, X, Y, Z)"
-            )
-        array = array[0]
-    if array.ndim != 3:
-        raise OutputError(f"volume has shape {array.shape}; DICOM output takes (1, X, Y, Z) or (X, Y, Z)")
-    return array.astype(np.float64)
+    return single_channel_array(volume, "DICOM").astype(np.float64)
 
 
 def _uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from ldct_clip.errors import OutputError
 from ldct_clip.io.atomic import atomic_output, check_output_path
+from ldct_clip.io.volume_array import single_channel_array
 
 __all__ = ["save_nifti"]
 
@@ -36,15 +36,7 @@ def save_nifti(volume, path: str | os.PathLike, overwrite: bool = False, affine=
     if affine is None:
         affine = getattr(volume, "affine", None)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    if array.ndim == 4:
-        if array.shape[0] != 1:
-            raise OutputError(
-                f"volume has {array.shape[0]} channels; NIfTI output takes one channel (1, X, Y, Z)"
-            )
-        array = array[0]
-    if array.ndim != 3:
-        raise OutputError(f"volume has shape {array.shape}; NIfTI output takes (1, X, Y, Z) or (X, Y, Z)")
+    array = single_channel_array(volume, "NIfTI")
     if not np.isfinite(array).all():
         raise OutputError("volume contains NaN/Inf values; nothing written")
     hu = np.clip(np.rint(array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
