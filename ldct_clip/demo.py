@@ -25,7 +25,6 @@ ribs, lung bases) at any size, with an exact normal-dose reference.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -37,7 +36,9 @@ import numpy as np
 import torch
 
 import ldct_clip
+from ldct_clip.bundles import DEFAULT_CT_BUNDLE, bundle_weights
 from ldct_clip.errors import WeightsError
+from ldct_clip.networks.clip_weights import sha256_of
 
 __all__ = [
     "DEMO_DOSE",
@@ -50,9 +51,7 @@ __all__ = [
     "DEMO_WINDOW",
     "DEFAULT_DEMO_OUTPUT",
     "DemoResult",
-    "bundled_weights_path",
     "run_demo",
-    "sha256_of",
 ]
 
 #: Where ``ldct-clip demo`` writes when no ``--output`` is given (relative to the working directory).
@@ -72,7 +71,6 @@ DEMO_DOSE = 0.25
 #: Protocol of the headline numbers: HU truncated to the abdomen window [-160, 240], where the noise shows.
 DEMO_PROTOCOL = "redcnn"
 DEMO_WINDOW = (-160.0, 240.0)
-BUNDLED_WEIGHTS = Path("models") / "model.pt"
 
 
 @dataclass
@@ -109,48 +107,15 @@ class DemoResult:
         )
 
 
-def bundled_weights_path(bundle: str | os.PathLike | None = None) -> Path:
-    """The demo weights shipped with ldct-clip: ``models/model.pt`` of the low-dose CT bundle.
-
-    Found through :func:`ldct_clip.bundles.resolve_bundle`, so it works in a checkout (editable install)
-    and in an installed wheel alike.
-
-    Args:
-        bundle: bundle folder or shipped bundle name; default the low-dose CT bundle.
-
-    Raises:
-        WeightsError: the bundle ships no ``models/model.pt``.
-    """
-    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, resolve_bundle
-
-    root = resolve_bundle(bundle or DEFAULT_CT_BUNDLE)
-    path = root / BUNDLED_WEIGHTS
-    if not path.is_file():
-        raise WeightsError(
-            f"the bundled demo weights {path} are missing (this copy of ldct-clip ships no trained weights); "
-            "pass --weights FILE, e.g. a checkpoint from `ldct-clip train` or `ldct-clip import-reference`"
-        )
-    return path
-
-
 def _bundle_network_def():
     """The low-dose CT bundle's ``network_def`` (used only for weights saved as a bare state dict)."""
     from monai.bundle import ConfigParser
 
-    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, resolve_bundle
+    from ldct_clip.bundles import resolve_bundle
 
     parser = ConfigParser()
     parser.read_config(resolve_bundle(DEFAULT_CT_BUNDLE) / "configs" / "inference.json")
     return parser.get_parsed_content("network_def")
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _slices(volume: torch.Tensor) -> torch.Tensor:
@@ -256,7 +221,8 @@ def run_demo(
     Args:
         output_dir: folder to create (refused if it exists, unless ``overwrite``).
         weights: model weights (an ldct-clip checkpoint); default the bundled demo weights
-            (:func:`bundled_weights_path`).
+            (``models/model.pt`` of the low-dose CT bundle, sha256-checked by
+            :func:`ldct_clip.bundles.bundle_weights`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``... where the network runs.
         overwrite: replace an existing ``output_dir``.
         progress: progress bars for the simulation and the denoising.
@@ -284,7 +250,10 @@ def run_demo(
     start = time.perf_counter()
     final = check_output_path(None, output_dir, overwrite)
     if weights is None:
-        weights = bundled_weights_path()
+        weights = bundle_weights(
+            DEFAULT_CT_BUNDLE,
+            hint="pass --weights FILE, e.g. a checkpoint from `ldct-clip train` or `ldct-clip import-reference`",
+        )
     weights = Path(weights).expanduser()
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist; give an ldct-clip checkpoint (.pt)")

@@ -48,6 +48,7 @@ __all__ = [
     "FinalModelSaver",
     "ResumeFromCheckpoint",
     "TrainingCheckpointer",
+    "TrainingProgressBar",
     "resume_handlers",
     "cleanup_distributed",
     "cosine_scheduler",
@@ -185,6 +186,70 @@ class LearningRateRecorder:
 
     def __call__(self, engine: Engine) -> None:
         engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])
+
+
+class TrainingProgressBar:
+    """One tqdm bar over the whole run's iterations, with the running loss and the time left.
+
+    ignite's ``ProgressBar`` restarts at every epoch, and our epochs are only checkpoint rounds
+    (:func:`round_length`); a user wants the position in the whole run and its remaining time, also after
+    ``--resume`` (the bar starts at the restored iteration). Attach it after the resume handlers.
+
+    Args:
+        output_transform: engine output -> loss (a float or a 0-d tensor).
+        desc: the bar's label.
+        disable: no bar (e.g. for logs that go to a file).
+        mininterval: seconds between redraws, which keeps log files small on fast GPUs.
+        file: stream to draw on; default stderr.
+    """
+
+    def __init__(
+        self,
+        output_transform: Callable = lambda output: output["loss"],
+        desc: str = "training",
+        disable: bool = False,
+        mininterval: float = 1.0,
+        file=None,
+    ) -> None:
+        self.output_transform = output_transform
+        self.desc = desc
+        self.disable = bool(disable)
+        self.mininterval = float(mininterval)
+        self.file = file
+        self.bar = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._advance)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.TERMINATE, self._close)
+
+    def _open(self, engine: Engine) -> None:
+        from tqdm.auto import tqdm
+
+        total = int(engine.state.max_epochs) * int(engine.state.epoch_length)
+        self.bar = tqdm(
+            total=total,
+            initial=int(engine.state.iteration),
+            desc=self.desc,
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=self.mininterval,
+            disable=self.disable,
+            file=self.file,
+        )
+
+    def _advance(self, engine: Engine) -> None:
+        if self.bar is None:
+            return
+        loss = self.output_transform(engine.state.output)
+        self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(1)
+
+    def _close(self, engine: Engine) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class StreamPositionHandler:

@@ -92,7 +92,10 @@ def _refused(capsys, argv, output: Path, match: str) -> None:
 
 
 def test_without_weights_the_error_says_where_weights_come_from(data, tmp_path, capsys):
-    _refused(capsys, [data["series"], tmp_path / "o"], tmp_path / "o", "import-reference")
+    from ldct_clip.bundles import resolve_bundle
+
+    bundle = shutil.copytree(resolve_bundle(), tmp_path / "bundle", ignore=shutil.ignore_patterns("model.pt"))
+    _refused(capsys, [data["series"], tmp_path / "o", "--bundle", bundle], tmp_path / "o", "import-reference")
     assert not (tmp_path / "o").exists()
 
 
@@ -170,6 +173,6 @@ def test_weights_default_to_the_bundles_model(data, tmp_path):
     from ldct_clip.bundles import resolve_bundle
 
     bundle = shutil.copytree(resolve_bundle(), tmp_path / "bundle")
-    shutil.copy(data["weights"], bundle / "models" / "model.pt")
+    shutil.copy(data["weights"], bundle / "models" / "model.pt")  # a user's own weights: no sha256 check
     assert denoise(data["series"], tmp_path / "out", "--bundle", bundle) == 0
     assert load_ct(tmp_path / "out").shape == (1, 64, 64, 4)

@@ -16,9 +16,10 @@ import torch
 
 import ldct_clip.bundles
 import ldct_clip.demo
+from ldct_clip.bundles import bundle_weights
 from ldct_clip.cli import main
 from ldct_clip.data.phantom import make_phantom, phantom_affine
-from ldct_clip.demo import DEMO_SPACING, bundled_weights_path, run_demo
+from ldct_clip.demo import DEMO_SPACING, run_demo
 from ldct_clip.errors import WeightsError
 from ldct_clip.io import load_ct
 from ldct_clip.metrics import psnr
@@ -47,11 +48,12 @@ def small_demo(monkeypatch):
     )
 
 
-def _fake_bundle(root, weights=None):
-    """A bundle folder named like the shipped one, with or without ``models/model.pt``."""
+def _fake_bundle(root, weights=None, sha256=None):
+    """A bundle folder named like the shipped one, with or without ``models/model.pt`` and its sha256."""
     bundle = root / "lowdose_ct_denoising"
     (bundle / "configs").mkdir(parents=True)
-    (bundle / "configs" / "metadata.json").write_text("{}")
+    metadata = {"shipped_weights": {"path": "models/model.pt", "sha256": sha256}} if sha256 else {}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
     if weights is not None:
         (bundle / "models").mkdir()
         shutil.copy(weights, bundle / "models" / "model.pt")
@@ -124,14 +126,40 @@ def test_demo_without_bundled_weights_says_so(tmp_path, monkeypatch, capsys):
     code = main(["demo", "--output", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert len(err.splitlines()) == 1 and "model.pt" in err and "missing" in err and "--weights" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "model.pt" in err
+        and "no trained weights" in err
+        and "--weights" in err
+    )
     assert not out.exists() and not list(tmp_path.glob(".partial-*"))
 
 
 def test_bundled_weights_are_found_in_the_bundle(tmp_path, monkeypatch, tiny_weights):
-    bundle = _fake_bundle(tmp_path / "bundles", weights=tiny_weights)
+    digest = hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    bundle = _fake_bundle(tmp_path / "bundles", weights=tiny_weights, sha256=digest)
     monkeypatch.setattr(ldct_clip.bundles, "bundle_search_paths", lambda: [tmp_path / "bundles"])
-    assert bundled_weights_path() == (bundle / "models" / "model.pt").resolve()
+    assert bundle_weights() == bundle / "models" / "model.pt"
+
+
+def test_damaged_bundled_weights_are_refused_before_writing(tmp_path, monkeypatch, capsys, tiny_weights):
+    """A copy whose sha256 is not metadata.json's (here: a Git LFS pointer file) is named, not loaded."""
+    digest = hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    bundle = _fake_bundle(tmp_path / "bundles", weights=tiny_weights, sha256=digest)
+    (bundle / "models" / "model.pt").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + digest + "\nsize 39000000\n"
+    )
+    monkeypatch.setattr(ldct_clip.bundles, "bundle_search_paths", lambda: [tmp_path / "bundles"])
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "sha256" in err and "Git LFS" in err and "reinstall" in err and "--weights" in err
+    assert not out.exists() and not list(tmp_path.glob(".partial-*"))
+    _fake_bundle(tmp_path / "missing", sha256=digest)  # metadata promises weights the copy lacks
+    monkeypatch.setattr(ldct_clip.bundles, "bundle_search_paths", lambda: [tmp_path / "missing"])
+    with pytest.raises(WeightsError, match="its weights are missing"):
+        bundle_weights()
 
 
 def test_demo_rejects_unusable_weights_before_writing(tmp_path, capsys):

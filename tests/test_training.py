@@ -172,3 +172,32 @@ def test_recalibrate_encoder_bn_sets_the_statistics_of_the_slices():
     frozen = CLIPDenoiser(layers=(1, 1, 1, 1), width=8, encoder_bn="frozen")
     with pytest.raises(Exception, match="frozen"):
         T.recalibrate_encoder_bn(frozen, [slices])
+
+
+def test_progress_bar_covers_the_whole_run_and_resumes_at_the_restored_iteration():
+    import io
+
+    from ignite.engine import Engine, Events
+
+    def run(restored_iteration, disable=False):
+        stream = io.StringIO()
+        engine = Engine(lambda engine, batch: {"loss": torch.tensor(0.25)})
+
+        @engine.on(Events.STARTED)
+        def restore(engine):  # what ResumeFromCheckpoint does before the bar opens
+            engine.state.iteration = restored_iteration
+            engine.state.epoch = restored_iteration // 4
+
+        bar = T.TrainingProgressBar(file=stream, mininterval=0.0, disable=disable)
+        bar.attach(engine)
+        steps = []
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(bar.bar.n))
+        engine.run(range(4), max_epochs=3, epoch_length=4)
+        return stream.getvalue(), steps
+
+    text, steps = run(0)
+    assert steps == list(range(1, 13)) and "12/12" in text and "loss=0.2500" in text
+    text, steps = run(8)  # resumed after two of three rounds: the bar starts at 8 of 12
+    assert steps == [9, 10, 11, 12] and "8/12" in text and "12/12" in text
+    text, steps = run(0, disable=True)  # "progress": false in the config
+    assert text == ""

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--weights",
         type=Path,
         default=None,
-        help=f"model weights (.pt); default: the bundle's models/model.pt, which does not ship yet: {WEIGHTS_HELP}",
+        help=f"model weights (.pt); default: the bundle's models/model.pt (the low-dose CT bundle ships demo weights); {WEIGHTS_HELP}",
     )
     parser.add_argument(
         "--format",
@@ -196,14 +196,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _weights(weights: Path | None, bundle: Path) -> Path:
-    """The given weights file, else the bundle's ``models/model.pt`` once the bundle ships one."""
+    """The given weights file, else the bundle's ``models/model.pt`` (sha256-checked when shipped)."""
     if weights is None:
-        shipped = bundle / "models" / "model.pt"
-        if shipped.is_file():
-            return shipped
-        raise WeightsError(
-            f"no weights given and {bundle.name} ships none yet: pass --weights FILE; {WEIGHTS_HELP}"
-        )
+        from ldct_clip.bundles import bundle_weights
+
+        return bundle_weights(bundle, hint=f"pass --weights FILE; {WEIGHTS_HELP}")
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist; {WEIGHTS_HELP}")
     return weights

@@ -1,0 +1,43 @@
+"""The demo weights shipped in the low-dose CT bundle: the file metadata.json names, the paper's CT network,
+small enough to ship, and better than the low-dose input on a phantom they were not trained on."""
+
+import json
+
+import torch
+
+from ldct_clip.bundles import SHIPPED_WEIGHTS, bundle_weights, resolve_bundle
+from ldct_clip.demo import run_demo
+from ldct_clip.networks import load_model
+from ldct_clip.networks.clip_weights import sha256_of
+
+#: Trainable parameters of the paper's one-channel (CT) network (tests/test_network.py checks the count).
+PAPER_CT_TRAINABLE = 10_987_779
+
+
+def test_shipped_weights_are_the_file_metadata_names():
+    bundle = resolve_bundle()
+    shipped = json.loads((bundle / "configs" / "metadata.json").read_text())["shipped_weights"]
+    path = bundle_weights()
+    assert path == bundle / SHIPPED_WEIGHTS and shipped["path"] == SHIPPED_WEIGHTS.as_posix()
+    assert sha256_of(path) == shipped["sha256"]
+    assert path.stat().st_size <= 45_000_000
+
+
+def test_shipped_weights_are_the_papers_ct_network_in_float16():
+    checkpoint = torch.load(bundle_weights(), map_location="cpu", weights_only=True)
+    floats = [t for t in checkpoint["model"].values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float16 for t in floats)
+    model = load_model(bundle_weights())
+    assert model.config["in_channels"] == 1 and model.config["out_channels"] == 1
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PAPER_CT_TRAINABLE
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # cast back on load
+
+
+def test_demo_with_the_shipped_weights_beats_the_low_dose_input(tmp_path):
+    """Two slices of the demo (512 x 512 phantom of a seed never trained on, simulated quarter dose)."""
+    result = run_demo(tmp_path / "demo", slices=2, workers=1, progress=False)
+    metrics = result.metrics
+    assert metrics["weights_sha256"] == sha256_of(bundle_weights())
+    assert result.psnr_gain > 1.0, metrics
+    assert metrics["ssim_denoised"] > metrics["ssim_low_dose"]
+    assert metrics["noise_std_denoised"] < 0.5 * metrics["noise_std_low_dose"]
