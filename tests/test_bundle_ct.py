@@ -138,12 +138,14 @@ def test_the_wheel_ships_the_bundle(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     # the unpacked wheel first on the path: resolve_bundle must find the bundle inside the package
-    code = "import ldct_clip.bundles as b; print(b.resolve_bundle())"
+    # and the demo weights inside it, sha256-checked against its metadata.json
+    code = "import ldct_clip.bundles as b; print(b.resolve_bundle()); print(b.bundle_weights())"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    found = done.stdout.strip()
+    found, weights = done.stdout.split()
     assert found == str(tmp_path / "site" / "ldct_clip" / "bundles" / DEFAULT_CT_BUNDLE)
+    assert weights == found + "/models/model.pt"
     assert json.loads(
         (
             tmp_path / "site" / "ldct_clip" / "bundles" / DEFAULT_CT_BUNDLE / "configs" / "metadata.json"
