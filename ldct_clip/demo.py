@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import ldct_clip
-from ldct_clip.bundles import DEFAULT_CT_BUNDLE, bundle_weights
+from ldct_clip.bundles import DEFAULT_CT_BUNDLE, bundle_network_def, bundle_weights
 from ldct_clip.errors import WeightsError
 from ldct_clip.networks.clip_weights import sha256_of
 
@@ -105,17 +105,6 @@ class DemoResult:
             f"noise std in a flat region {m['noise_std_low_dose']:.1f} -> {m['noise_std_denoised']:.1f} HU "
             f"(normal dose {m['noise_std_normal_dose']:.1f} HU)"
         )
-
-
-def _bundle_network_def():
-    """The low-dose CT bundle's ``network_def`` (used only for weights saved as a bare state dict)."""
-    from monai.bundle import ConfigParser
-
-    from ldct_clip.bundles import resolve_bundle
-
-    parser = ConfigParser()
-    parser.read_config(resolve_bundle(DEFAULT_CT_BUNDLE) / "configs" / "inference.json")
-    return parser.get_parsed_content("network_def")
 
 
 def _slices(volume: torch.Tensor) -> torch.Tensor:
@@ -258,7 +247,7 @@ def run_demo(
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist; give an ldct-clip checkpoint (.pt)")
     compute_device = resolve_device(device)
-    model = load_denoiser(weights, network_def=_bundle_network_def, device=compute_device)
+    model = load_denoiser(weights, network_def=bundle_network_def, device=compute_device)
     seconds: dict[str, float] = {}
 
     def lap(stage: str, since: float) -> float:

@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldct_clip.bundles import bundle_network_def
 from ldct_clip.errors import InputError, LdctClipError, OutputError, WeightsError
 from ldct_clip.io.images import IMAGE_SUFFIXES, list_images, load_image, save_image
 
@@ -60,17 +61,6 @@ def bundle_metadata(bundle: str | os.PathLike) -> dict:
 def bundle_task(bundle: str | os.PathLike) -> str:
     """``"srgb"``, ``"synthetic"`` (image bundles) or ``"ct"`` (bundles without ``denoising_task``)."""
     return str(bundle_metadata(bundle).get("denoising_task", "ct"))
-
-
-def bundle_network_def(bundle: str | os.PathLike) -> nn.Module:
-    """The bundle's ``network_def`` from its ``inference.json`` (the network bare state dicts load into)."""
-    from monai.bundle import ConfigParser
-
-    from ldct_clip.bundles import resolve_bundle
-
-    parser = ConfigParser()
-    parser.read_config(str(resolve_bundle(bundle) / "configs" / "inference.json"))
-    return parser.get_parsed_content("network_def")
 
 
 def load_image_denoiser(

@@ -240,11 +240,14 @@ class TrainingProgressBar:
         )
 
     def _advance(self, engine: Engine) -> None:
-        if self.bar is None:
+        if self.bar is None or self.disable:
             return
-        loss = self.output_transform(engine.state.output)
-        self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         self.bar.update(1)
+        # read the loss only when the bar has just redrawn (at most once per mininterval): reading a CUDA
+        # tensor synchronises the GPU, which every iteration would slow training down
+        if self.bar.last_print_n == self.bar.n:
+            loss = self.output_transform(engine.state.output)
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
 
     def _close(self, engine: Engine) -> None:
         if self.bar is not None:

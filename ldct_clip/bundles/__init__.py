@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_CT_BUNDLE",
     "SHIPPED_WEIGHTS",
     "available_bundles",
+    "bundle_network_def",
     "bundle_search_paths",
     "bundle_weights",
     "resolve_bundle",
@@ -67,6 +68,19 @@ def resolve_bundle(name_or_path: str | Path = DEFAULT_CT_BUNDLE) -> Path:
         f"{str(name_or_path)!r} is not a MONAI bundle (no configs/metadata.json there) nor a shipped bundle "
         f"name; give a bundle folder or one of: {', '.join(available_bundles()) or 'none found'}"
     )
+
+
+def bundle_network_def(bundle: str | os.PathLike = DEFAULT_CT_BUNDLE):
+    """The bundle's ``network_def`` from its ``inference.json`` (the network bare state dicts load into).
+
+    Args:
+        bundle: bundle folder or shipped bundle name.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(resolve_bundle(bundle) / "configs" / "inference.json"))
+    return parser.get_parsed_content("network_def")
 
 
 def bundle_weights(bundle: str | os.PathLike = DEFAULT_CT_BUNDLE, hint: str = "pass --weights FILE") -> Path:

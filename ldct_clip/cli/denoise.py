@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         jobs = _jobs(args)
         mine = jobs[rank::world] if args.recursive else (jobs if rank == 0 else [])
         if mine:
+            from ldct_clip.bundles import bundle_network_def
+
             model = load_denoiser(args.weights, network_def=lambda: bundle_network_def(bundle), device=device)
         for source, series_uid, output in mine:
             try:
@@ -204,15 +206,6 @@ def _weights(weights: Path | None, bundle: Path) -> Path:
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist; {WEIGHTS_HELP}")
     return weights
-
-
-def bundle_network_def(bundle: Path):
-    """The bundle's ``network_def``, built from its ``inference.json`` (for bare state-dict weights)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(bundle / "configs" / "inference.json")
-    return parser.get_parsed_content("network_def")
 
 
 def _cuda_count() -> int:
