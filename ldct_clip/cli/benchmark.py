@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.pairs)
     denoiser = None
     if "clip" in methods:
-        from ldct_clip.inference import ORIENTATION, denoise_volume, load_denoiser, resolve_device
+        from ldct_clip.conventions import ORIENTATION
+        from ldct_clip.inference import denoise_volume, load_denoiser, resolve_device
 
         device = resolve_device(args.device)
         model = load_denoiser(args.weights, device=device)

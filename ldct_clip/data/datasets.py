@@ -421,8 +421,8 @@ class SimulatedNoiseCache(VolumeSliceCache):
             name: the volume's name for the seeds (the patient id; default the file/folder name).
         """
         from ldct_clip.cli.simulate import _slice_thickness  # the thickness `ldct-clip simulate` uses
+        from ldct_clip.conventions import FOV_PADDING_THRESHOLD_HU
         from ldct_clip.simulation import simulate_low_dose
-        from ldct_clip.transforms.intensity import DEFAULT_PADDING_THRESHOLD
 
         path = Path(path)
         name = path.name if name is None else name
@@ -451,7 +451,7 @@ class SimulatedNoiseCache(VolumeSliceCache):
             noise = (torch.as_tensor(low).detach().cpu().numpy()[0] - hu) / (
                 self.hu_range[1] - self.hu_range[0]
             )
-            noise[hu < DEFAULT_PADDING_THRESHOLD] = 0.0  # HUToModelRange turns padding into flat air
+            noise[hu < FOV_PADDING_THRESHOLD_HU] = 0.0  # HUToModelRange turns padding into flat air
             self._save(target, np.ascontiguousarray(np.transpose(noise, (2, 0, 1)), dtype=np.float32))
         return [np.load(t, mmap_mode="r") for t in targets]
 

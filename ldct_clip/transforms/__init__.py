@@ -1,13 +1,11 @@
 """MONAI-style array and dictionary transforms: HU normalisation and windows, noise models, camera pipeline."""
 
-from ldct_clip.transforms.intensity import WINDOW_PRESETS as WINDOW_PRESETS
 from ldct_clip.transforms.intensity import HUToModelRange as HUToModelRange
 from ldct_clip.transforms.intensity import HUToModelRanged as HUToModelRanged
 from ldct_clip.transforms.intensity import ModelRangeToHU as ModelRangeToHU
 from ldct_clip.transforms.intensity import ModelRangeToHUd as ModelRangeToHUd
 from ldct_clip.transforms.intensity import WindowHU as WindowHU
 from ldct_clip.transforms.intensity import WindowHUd as WindowHUd
-from ldct_clip.transforms.intensity import window_bounds as window_bounds
 from ldct_clip.transforms.io import LoadCT, LoadCTd, SaveCT, SaveCTd, check_outputs, plan_outputs
 from ldct_clip.transforms.isp import CameraPipelineNoise as CameraPipelineNoise
 from ldct_clip.transforms.isp import CameraPipelineNoised as CameraPipelineNoised

@@ -21,46 +21,23 @@ from monai.transforms import InvertibleTransform, MapTransform, Transform
 from monai.utils import TraceKeys, TransformBackends
 from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
 
+from ldct_clip.conventions import (
+    AIR_HU,
+    FOV_PADDING_THRESHOLD_HU,
+    HU_RANGE,
+    hu_to_model,
+    model_to_hu,
+    window_bounds,
+)
+
 __all__ = [
-    "AIR_HU",
-    "DEFAULT_PADDING_THRESHOLD",
-    "HU_RANGE",
-    "WINDOW_PRESETS",
     "HUToModelRange",
     "HUToModelRanged",
     "ModelRangeToHU",
     "ModelRangeToHUd",
     "WindowHU",
     "WindowHUd",
-    "window_bounds",
 ]
-
-AIR_HU = -1024.0
-HU_RANGE = (-1024.0, 3072.0)  # x = (HU + 1024) / 4096
-# Below any physical attenuation (air is -1000 HU, noise in air rarely reaches -1300 even at low dose) and
-# above the padding values scanners use (-2000, -2048, -3024, -3072, -32768).
-DEFAULT_PADDING_THRESHOLD = -1500.0
-
-# (lower, upper) HU bounds; centre/width presets are converted as centre -/+ width / 2.
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "abdomen": (-160.0, 240.0),
-    "ldctbench_abdomen": (50.0 - 400.0 / 2, 50.0 + 400.0 / 2),
-    "chest": (-600.0 - 1500.0 / 2, -600.0 + 1500.0 / 2),
-    "head": (40.0 - 80.0 / 2, 40.0 + 80.0 / 2),
-    "full": (-1024.0, 3072.0),
-}
-
-
-def window_bounds(window: str | Sequence[float]) -> tuple[float, float]:
-    """(lower, upper) HU of a preset name or an explicit ``(lower, upper)`` pair."""
-    if isinstance(window, str):
-        if window not in WINDOW_PRESETS:
-            raise ValueError(f"unknown window preset {window!r}; choose one of {sorted(WINDOW_PRESETS)}")
-        return WINDOW_PRESETS[window]
-    lower, upper = (float(v) for v in window)
-    if not upper > lower:
-        raise ValueError(f"window upper bound {upper} must exceed the lower bound {lower}")
-    return lower, upper
 
 
 class HUToModelRange(InvertibleTransform):
@@ -84,7 +61,7 @@ class HUToModelRange(InvertibleTransform):
         self,
         hu_min: float = HU_RANGE[0],
         hu_max: float = HU_RANGE[1],
-        padding_threshold: float | None = DEFAULT_PADDING_THRESHOLD,
+        padding_threshold: float | None = FOV_PADDING_THRESHOLD_HU,
         air_hu: float = AIR_HU,
         clip: bool = False,
     ) -> None:
@@ -110,7 +87,7 @@ class HUToModelRange(InvertibleTransform):
                 padding_value = float(uniq[counts.argmax()])
                 packed = np.packbits(mask.detach().cpu().numpy().reshape(-1))
                 hu = torch.where(mask, torch.as_tensor(self.air_hu, dtype=hu.dtype, device=hu.device), hu)
-        out = (hu - self.hu_min) / (self.hu_max - self.hu_min)
+        out = hu_to_model(hu, (self.hu_min, self.hu_max))
         if self.clip:
             out = out.clamp(0.0, 1.0)
         if isinstance(img, np.ndarray):
@@ -132,7 +109,7 @@ class HUToModelRange(InvertibleTransform):
         extra = transform[TraceKeys.EXTRA_INFO]
         hu_min, hu_max = float(extra["hu_min"]), float(extra["hu_max"])
         x = convert_to_tensor(data, track_meta=get_track_meta(), dtype=torch.float32)
-        hu = x * (hu_max - hu_min) + hu_min
+        hu = model_to_hu(x, (hu_min, hu_max))
         packed = extra.get("padding_mask")
         if packed is not None and extra.get("padding_value") is not None:
             shape = tuple(int(s) for s in extra["shape"])
@@ -166,7 +143,7 @@ class ModelRangeToHU(Transform):
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         x = convert_to_tensor(img, track_meta=get_track_meta(), dtype=torch.float32)
-        out = x * (self.hu_max - self.hu_min) + self.hu_min
+        out = model_to_hu(x, (self.hu_min, self.hu_max))
         return convert_to_dst_type(out, img, dtype=torch.float32)[0] if isinstance(img, np.ndarray) else out
 
 
@@ -174,7 +151,7 @@ class WindowHU(Transform):
     """Display/metric window: ``(HU - lower) / (upper - lower)``, clipped to [0, 1] by default.
 
     Args:
-        window: a preset name from ``WINDOW_PRESETS`` or an explicit ``(lower, upper)`` in HU.
+        window: a window name of ``ldct_clip.conventions.WINDOWS`` or an explicit ``(lower, upper)`` in HU.
         clip: clip to [0, 1].
     """
 
@@ -208,7 +185,7 @@ class HUToModelRanged(MapTransform, InvertibleTransform):
         keys: KeysCollection,
         hu_min: float = HU_RANGE[0],
         hu_max: float = HU_RANGE[1],
-        padding_threshold: float | None = DEFAULT_PADDING_THRESHOLD,
+        padding_threshold: float | None = FOV_PADDING_THRESHOLD_HU,
         air_hu: float = AIR_HU,
         clip: bool = False,
         allow_missing_keys: bool = False,

@@ -1,0 +1,33 @@
+"""Inference of the 2-D network over CT volumes and images: device policy, predictor, inferers, loading."""
+
+from ldct_clip.inference.device import (
+    CPU_AMP_DEFAULT,
+    DEFAULT_BATCH_SIZE,
+    default_batch_size,
+    default_channels_last,
+    limit_heap_fragmentation,
+    resolve_amp,
+    resolve_device,
+)
+from ldct_clip.inference.inferers import CTSliceInferer, HUBatchConversion, SliceBatchInferer, make_inferer
+from ldct_clip.inference.loading import load_denoiser
+from ldct_clip.inference.predictor import PAD_MULTIPLE, SlicePredictor
+from ldct_clip.inference.volume import denoise_volume
+
+__all__ = [
+    "CPU_AMP_DEFAULT",
+    "DEFAULT_BATCH_SIZE",
+    "CTSliceInferer",
+    "HUBatchConversion",
+    "PAD_MULTIPLE",
+    "SliceBatchInferer",
+    "SlicePredictor",
+    "default_batch_size",
+    "default_channels_last",
+    "denoise_volume",
+    "limit_heap_fragmentation",
+    "load_denoiser",
+    "make_inferer",
+    "resolve_amp",
+    "resolve_device",
+]

@@ -1,0 +1,150 @@
+"""Where and in what precision the network runs: device, mixed precision, memory format, batch size.
+
+Runtime policy only (no network, no data): every default here was chosen by measurement on the machines
+named in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+import torch
+
+from ldct_clip.errors import InputError
+
+__all__ = [
+    "CPU_AMP_DEFAULT",
+    "DEFAULT_BATCH_SIZE",
+    "default_batch_size",
+    "default_channels_last",
+    "limit_heap_fragmentation",
+    "resolve_amp",
+    "resolve_device",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Slices per forward pass. CPU: 2 keeps 512x512x300 within "volume + 1.5 GB" of memory. GPU: a starting
+#: point that the memory bound (``ldct_clip.inference.memory``) lowers where the GPU is small.
+DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 16}
+#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default:
+#: float32. bf16 cost 0.074 dB PSNR with trained CT weights on held-out simulated quarter dose, over the
+#: 0.05 dB allowed (benchmarks/README.md), so bf16 on CPU is opt-in (``amp="bf16"``, ``--amp``).
+CPU_AMP_DEFAULT: torch.dtype | None = None
+
+_AMP_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The compute device: ``"auto"`` (or None) is the first GPU where there is one, else the CPU.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+
+    Raises:
+        InputError: an unknown device, or a GPU asked for where none is visible.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for but no CUDA GPU is visible: use device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device {device!r} asked for but only {torch.cuda.device_count()} GPU(s) are visible: "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def _cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_has_native_bf16() -> bool:
+    """bf16 in hardware (AVX512-BF16 or AMX): elsewhere oneDNN emulates it, usually slower than float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_amp(amp: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for plain float32.
+
+    Args:
+        amp: None / ``"auto"`` for the measured default (bf16 or fp16 on a GPU, :data:`CPU_AMP_DEFAULT` on
+            the CPU); False / ``"fp32"`` / ``"none"`` for float32; True / ``"on"`` for the device's best
+            half type (bf16 where supported, else fp16 on a GPU, float32 on a CPU without bf16); ``"bf16"``
+            or ``"fp16"`` (or the torch dtype) to force one.
+        device: the compute device.
+
+    Raises:
+        InputError: an unknown name.
+    """
+    if isinstance(amp, str):
+        key = amp.lower()
+        if key in ("fp32", "float32", "none", "off", "false"):
+            return None
+        if key == "auto":
+            amp = None
+        elif key in ("on", "true"):
+            amp = True
+        elif key in _AMP_NAMES:
+            amp = _AMP_NAMES[key]
+        else:
+            raise InputError(f"unknown mixed precision {amp!r}: use auto, bf16, fp16 or fp32")
+    if isinstance(amp, torch.dtype):
+        return None if amp == torch.float32 else amp
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp is None:
+        return CPU_AMP_DEFAULT if _cpu_has_native_bf16() else None
+    if not _cpu_supports_bf16():
+        logger.warning("this CPU has no bf16 support: running in float32")
+        return None
+    return torch.bfloat16
+
+
+def default_channels_last(device: torch.device | str) -> bool:
+    """NHWC on CPUs, where oneDNN convolutions run much faster so (benchmarks/README.md); NCHW on GPUs."""
+    return torch.device(device).type == "cpu"
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Slices per forward pass on ``device`` before the memory bound (:data:`DEFAULT_BATCH_SIZE`)."""
+    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, 1)
+
+
+def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes or more with mmap, for the rest of the process.
+
+    A volume denoised batch after batch allocates and frees the same mid-sized activations again and again;
+    glibc's heap keeps the freed pages and fragments, which cost ~160 MB of peak RSS at 512x512
+    (benchmarks/README.md). With mmap they go back to the system when freed. Process-wide, so called by
+    programs (the command line), never by the library itself. Returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
