@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldct_clip.demo import DEMO_SIZE, DEMO_SLICES, run_demo
+from ldct_clip.apps.demo import DEMO_SIZE, DEMO_SLICES, run_demo
 from ldct_clip.networks import CLIPDenoiser, save_checkpoint
 
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ldct_clip.cli.train import run_config
-from ldct_clip.data.datasets import CTSliceDataset, make_train_dataset, make_val_dataset
+from ldct_clip.conventions import model_to_hu
+from ldct_clip.data.ct_dataset import CTSliceDataset, make_train_dataset, make_val_dataset
 from ldct_clip.data.phantom import write_phantom_nifti
-from ldct_clip.metrics import model_range_to_hu, psnr, ssim
+from ldct_clip.evaluation import psnr, ssim
 from ldct_clip.networks import load_model
 from ldct_clip.training import PaddedInferer, recalibrate_encoder_bn
 
@@ -52,8 +53,8 @@ def score(model, val, mode: str) -> tuple[float, float]:
                 model.eval()
             else:
                 pred = inferer(noisy, model)
-            p.append(psnr(model_range_to_hu(pred), model_range_to_hu(clean)).item())
-            s.append(ssim(model_range_to_hu(pred), model_range_to_hu(clean)).item())
+            p.append(psnr(model_to_hu(pred), model_to_hu(clean)).item())
+            s.append(ssim(model_to_hu(pred), model_to_hu(clean)).item())
     return float(np.mean(p)), float(np.mean(s))
 
 

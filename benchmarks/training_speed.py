@@ -19,7 +19,7 @@ import time
 import torch
 
 from ldct_clip.networks import CLIPDenoiser
-from ldct_clip.training import Mixup, cosine_scheduler, trainable_parameters
+from ldct_clip.training import Mixup, constant_then_cosine, trainable_parameters
 
 
 def measure(
@@ -32,7 +32,7 @@ def measure(
     model = CLIPDenoiser(clip_model="RN50").to(device_).train()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4, betas=(0.9, 0.999))
-    scheduler = cosine_scheduler(optimizer, 40000)
+    scheduler = constant_then_cosine(optimizer, 40000, constant_iterations=0)
     mixup = Mixup(0.5, 1.2)
     loss_fn = torch.nn.L1Loss()
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device_.type == "cuda")

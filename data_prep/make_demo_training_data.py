@@ -5,7 +5,7 @@
 Writes OUTPUT/train/ (normal-dose volumes for ``ldct-clip train --data OUTPUT/train``), OUTPUT/heldout/
 (``{name}_low.nii.gz`` + ``{name}_full.nii.gz`` pairs for ``ldct-clip evaluate`` / ``benchmark``) and
 OUTPUT/manifest.json. Keep OUTPUT outside the repository: the data must not be committed. See
-``ldct_clip.data.demo_data`` for what goes where and why.
+``demo_data.py`` next to this script for what goes where and why.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldct_clip.data.demo_data import prepare_demo_data
+from demo_data import prepare_demo_data  # next to this script
+
 from ldct_clip.errors import LdctClipError
 
 

@@ -16,15 +16,16 @@ moved into place at the end.
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ldct_clip.errors import InputError, LdctClipError, OutputError
+from ldct_clip.errors import InputError, LdctClipError
 from ldct_clip.io.images import list_images, load_image, save_image
+from ldct_clip.io.preflight import check_output
+from ldct_clip.io.staging import staged_output
 from ldct_clip.transforms.isp import CameraPipelineNoise, load_crf_mat, load_dorf_curves
 
 
@@ -47,7 +48,7 @@ def make_srgb_pairs(
         curves: DoRF ``dorfCurves.txt`` or CBDNet ``201_CRF_data.mat``; None: the built-in curve family.
         seed: base seed; image i (in name order) uses ``seed + i``.
         clean_target: "input" (the original image, as the reference) or "pipeline" (noise-free output).
-        overwrite: replace existing ``noisy/`` and ``clean/`` folders.
+        overwrite: replace ``noisy/`` and ``clean/`` folders an earlier run wrote (never anything else).
         progress: show a progress bar.
     """
     if clean_target not in ("input", "pipeline"):
@@ -55,18 +56,17 @@ def make_srgb_pairs(
     files = list_images(input_dir)
     output_dir = Path(output_dir)
     targets = [output_dir / "noisy", output_dir / "clean"]
-    taken = [t for t in targets if t.exists()]
-    if taken and not overwrite:
-        raise OutputError(f"{taken[0]} already exists; choose another output folder or pass --overwrite")
+    for target in targets:  # before any work; an existing folder is replaced only if this script wrote it
+        check_output(input_dir, target, overwrite, is_dir=True)
     responses = None
     if curves is not None:
         responses = load_crf_mat(curves) if str(curves).lower().endswith(".mat") else load_dorf_curves(curves)
     pipeline = CameraPipelineNoise(noise=noise, responses=responses)
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".srgb_pairs-", dir=output_dir))
-    try:
-        for sub in ("noisy", "clean"):
-            (staging / sub).mkdir()
+    with contextlib.ExitStack() as stack:
+        noisy_dir, clean_dir = (
+            stack.enter_context(staged_output(t, overwrite=overwrite, is_dir=True)) for t in targets
+        )
         names = set()
         for index, path in enumerate(tqdm(files, desc="sRGB pairs", unit="image", disable=not progress)):
             name = f"{path.stem}.png"
@@ -77,18 +77,13 @@ def make_srgb_pairs(
             pipeline.set_random_state(seed + index)
             noisy, pipeline_clean = pipeline.simulate(clean, return_clean=clean_target == "pipeline")
             depth = min(int(clean.meta["bit_depth"]), 16)
-            save_image(noisy, staging / "noisy" / name, bit_depth=depth)
+            save_image(noisy, noisy_dir / name, bit_depth=depth, manifest=False)
             save_image(
                 pipeline_clean if clean_target == "pipeline" else clean,
-                staging / "clean" / name,
+                clean_dir / name,
                 bit_depth=depth,
+                manifest=False,
             )
-        for target in targets:
-            if target.exists():
-                shutil.rmtree(target)
-            (staging / target.name).rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [targets[0] / f"{p.stem}.png" for p in files]
 
 

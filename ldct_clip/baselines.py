@@ -4,12 +4,11 @@ Each baseline sees one low-dose slice in HU and nothing else: its noise level is
 slice, and its parameters follow from the estimate by rules fixed here, before any test data is seen. No
 parameter is tuned on the pairs being benchmarked.
 
-Working space. The slice is mapped to the model's range ``x = (HU + 1024) / 4096`` (the same linear map as
-``ldct_clip.transforms.HUToModelRange``), denoised there and mapped back. The map is linear and every rule
-below is scale-equivariant (h and the TV weight are multiples of the estimated sigma), so results do not
-depend on a display window. Pixels below ``PADDING_HU`` (the padding outside the scanner's field of view,
-typically -2000 or -3024 HU) are set to air (-1024 HU) first so that their edge is not treated as signal,
-and restored afterwards.
+Working space. The slice is mapped to the model's range (``ldct_clip.conventions.hu_to_model``, the map
+the network sees), denoised there and mapped back. The map is linear and every rule below is
+scale-equivariant (h and the TV weight are multiples of the estimated sigma), so results do not depend on a
+display window. Field-of-view padding (``conventions.is_fov_padding``) is set to ``conventions.AIR_HU``
+first so that its edge is not treated as signal, and restored afterwards.
 
 Noise level. CT noise after filtered back-projection is spatially correlated. scikit-image's wavelet
 ``estimate_sigma`` sees only its finest scale: on four 512x512 slices of a real abdominal CT (shared
@@ -43,13 +42,19 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, uniform_filter
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, estimate_sigma
 
+from ldct_clip.conventions import (
+    AIR_HU,
+    BODY_THRESHOLD_HU,
+    HU_RANGE,
+    hu_to_model,
+    is_fov_padding,
+    model_to_hu,
+)
 from ldct_clip.errors import InputError
 
 __all__ = [
-    "AIR_HU",
     "NOISE_ESTIMATORS",
     "BASELINES",
-    "PADDING_HU",
     "BM3DDenoiser",
     "BaselineDenoiser",
     "NLMDenoiser",
@@ -58,14 +63,8 @@ __all__ = [
     "get_baseline",
 ]
 
-AIR_HU = -1024.0
-# Below this value a pixel is padding outside the field of view, not tissue or noisy air.
-PADDING_HU = -1500.0
-# The model's normalisation: x = (HU - HU_OFFSET) / HU_RANGE.
-HU_OFFSET = -1024.0
-HU_RANGE = 4096.0
-# Pixels above this value count as "body" when the noise estimate is restricted to the body's bounding box.
-BODY_THRESHOLD_HU = -500.0
+# HU per unit of the model range: converts noise levels (differences, not positions) back to HU.
+HU_PER_MODEL_UNIT = HU_RANGE[1] - HU_RANGE[0]
 NOISE_ESTIMATORS = ("flat", "wavelet")
 # The "flat" estimator (see estimate_noise_sigma): 8 x 8 windows fit between the edges of small images and
 # of organs; windows are ranked by the structure left after smoothing the slice with a Gaussian of 2 px (the
@@ -83,20 +82,20 @@ BM3D_INSTALL_HINT = (
 
 
 def to_working_space(slice_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map a HU slice to ``(HU + 1024) / 4096`` with padding set to air; returns ``(x, padding_mask)``."""
+    """Map a HU slice to the model range with padding set to air; returns ``(x, padding_mask)``."""
     hu = np.asarray(slice_hu, dtype=np.float64)
     if hu.ndim != 2:
         raise InputError(f"a baseline denoises one 2-D slice at a time, got an array of shape {hu.shape}")
     if not np.all(np.isfinite(hu)):
         raise InputError("the slice contains NaN or infinite values; fix the input volume")
-    padding = hu < PADDING_HU
+    padding = is_fov_padding(hu)
     hu = np.where(padding, AIR_HU, hu)
-    return (hu - HU_OFFSET) / HU_RANGE, padding
+    return hu_to_model(hu), padding
 
 
 def from_working_space(x: np.ndarray, padding: np.ndarray, slice_hu: np.ndarray) -> np.ndarray:
     """Map back to HU and put the original padding values back; float32 like the loaded volumes."""
-    hu = x * HU_RANGE + HU_OFFSET
+    hu = model_to_hu(x)
     hu = np.where(padding, np.asarray(slice_hu, dtype=np.float64), hu)
     return hu.astype(np.float32)
 
@@ -195,10 +194,10 @@ class BaselineDenoiser(ABC):
 
     def __call__(self, slice_hu: np.ndarray) -> np.ndarray:
         x, padding = to_working_space(slice_hu)
-        body_threshold = (BODY_THRESHOLD_HU - HU_OFFSET) / HU_RANGE
+        body_threshold = hu_to_model(BODY_THRESHOLD_HU)
         sigma = estimate_noise_sigma(x, self.noise_estimator, body_threshold=body_threshold)
         out, parameters = self.denoise(x, sigma)
-        self.last_parameters = {"sigma_hu": sigma * HU_RANGE, **parameters}
+        self.last_parameters = {"sigma_hu": sigma * HU_PER_MODEL_UNIT, **parameters}
         return from_working_space(out, padding, slice_hu)
 
 
@@ -237,7 +236,7 @@ class NLMDenoiser(BaselineDenoiser):
             preserve_range=True,
             channel_axis=None,
         )
-        return out, {"h_hu": h * HU_RANGE}
+        return out, {"h_hu": h * HU_PER_MODEL_UNIT}
 
 
 @dataclass
@@ -260,7 +259,7 @@ class TVDenoiser(BaselineDenoiser):
     def denoise(self, x: np.ndarray, sigma: float) -> tuple[np.ndarray, dict[str, float]]:
         weight = self.weight_factor * sigma
         out = denoise_tv_chambolle(x, weight=weight, channel_axis=None)
-        return out, {"weight_hu": weight * HU_RANGE}
+        return out, {"weight_hu": weight * HU_PER_MODEL_UNIT}
 
 
 @dataclass

@@ -47,7 +47,9 @@ Field of view: ``radon(circle=True)`` needs the object inside the inscribed circ
 tissue (> -500 HU) outside it, the whole volume is projected with ``circle=False`` (radon pads to the
 diagonal, about twice the work); otherwise the inscribed-circle geometry is used and the pixels outside
 it get no noise, as on scanners whose reconstruction field of view is that circle. Non-square slices are
-padded with air to a square and cropped back.
+padded with air to a square and cropped back. Values below ``ldct_clip.conventions.FOV_PADDING_THRESHOLD_HU``
+are the scanner's padding outside its field of view (the project's one threshold, justified there): they
+attenuate nothing and are left unchanged.
 
 Default photon count: ``DEFAULT_PHOTONS = 6.9e6`` is what :func:`calibrate_photon_count` returns (6.7e6 to
 6.9e6 over seeds) for an added noise std of 20 HU at quarter dose in the centre (50 mm ROI) of a 300 mm
@@ -74,7 +76,10 @@ from scipy.special import logsumexp
 from skimage.transform import iradon, radon
 from tqdm.auto import tqdm
 
+from ldct_clip.conventions import FOV_PADDING_THRESHOLD_HU
+from ldct_clip.data.phantom import make_water_cylinder
 from ldct_clip.errors import InputError
+from ldct_clip.io.dicom_series import DicomSeries, select_series
 
 __all__ = [
     "DEFAULT_ELECTRONIC_NOISE",
@@ -91,6 +96,7 @@ __all__ = [
     "photons_per_bin",
     "simulate_low_dose",
     "simulate_noise_slice",
+    "slice_thickness",
 ]
 
 MU_WATER_PER_MM = 0.0192  # water at ~70 keV effective energy (NIST XCOM: 0.193 cm^2/g)
@@ -99,13 +105,14 @@ REFERENCE_THICKNESS = 3.0
 DEFAULT_N_VIEWS = 720
 DEFAULT_ELECTRONIC_NOISE = 10.0
 DEFAULT_PHOTONS = 6.9e6
-PADDING_HU = -2000.0
 TISSUE_HU = -500.0  # tissue outside the inscribed circle switches to the padded (full-square) geometry
 ROI_PIXELS = 8000  # pooled ROI pixels of a calibration: std known to ~1 %
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
 
-def hu_to_mu(hu: np.ndarray, mu_water: float = MU_WATER_PER_MM, padding_hu: float = PADDING_HU) -> np.ndarray:
+def hu_to_mu(
+    hu: np.ndarray, mu_water: float = MU_WATER_PER_MM, padding_hu: float = FOV_PADDING_THRESHOLD_HU
+) -> np.ndarray:
     """Linear attenuation (1/mm) of an HU image; negative values and padding (< ``padding_hu``) become 0.
 
     Args:
@@ -262,7 +269,7 @@ def simulate_noise_slice(
     slice_thickness: float = REFERENCE_THICKNESS,
     mu_water: float = MU_WATER_PER_MM,
     filter_name: str = "ramp",
-    padding_hu: float = PADDING_HU,
+    padding_hu: float = FOV_PADDING_THRESHOLD_HU,
     modulation: bool = True,
     projection_downsample: int | None = None,
 ) -> np.ndarray:
@@ -402,6 +409,31 @@ def _as_slice_stack(array: np.ndarray) -> np.ndarray:
     )
 
 
+def slice_thickness(volume, series: DicomSeries | None = None) -> float:
+    """The slice thickness (mm) to simulate a volume with: the DICOM SliceThickness of its source series,
+    else the spacing between its slices, else :data:`REFERENCE_THICKNESS`.
+
+    Args:
+        volume: a ``MetaTensor`` from ``ldct_clip.io.load_ct``.
+        series: the volume's source series when the caller has it; else, for a DICOM volume, the series
+            its meta names is read again (headers only).
+    """
+    meta = getattr(volume, "meta", {})
+    if series is not None or meta.get("source_kind") == "dicom":
+        try:
+            if series is None:
+                series = select_series(meta["source_path"], meta.get("series_uid") or None, allow_non_ct=True)
+            thickness = float(series.headers[0].dataset.get("SliceThickness") or 0)
+        except (InputError, KeyError, TypeError, ValueError):
+            thickness = 0.0
+        if thickness > 0:
+            return thickness
+    pixdim = getattr(volume, "pixdim", None)
+    if pixdim is not None and len(pixdim) > 2 and float(pixdim[2]) > 0:
+        return float(pixdim[2])
+    return REFERENCE_THICKNESS
+
+
 def _default_workers(n_slices: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cpus, n_slices))
@@ -420,7 +452,7 @@ def simulate_low_dose(
     slice_thickness: float = REFERENCE_THICKNESS,
     mu_water: float = MU_WATER_PER_MM,
     filter_name: str = "ramp",
-    padding_hu: float = PADDING_HU,
+    padding_hu: float = FOV_PADDING_THRESHOLD_HU,
     modulation: bool = True,
     projection_downsample: int | None = None,
 ):
@@ -611,8 +643,6 @@ def calibrate_photon_count(
             f"a {diameter_mm:g} mm water cylinder does not fit {size} pixels of {spacing:g} mm: "
             "lower diameter_mm or raise size"
         )
-    from ldct_clip.data.phantom import make_water_cylinder
-
     phantom = make_water_cylinder(size, 1, diameter_mm, (spacing, spacing, slice_thickness))[
         0, :, :, 0
     ].numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from ldct_clip.io import staging
+from ldct_clip.io.staging import FAULT_ENV
 
 SMALL = 32  # phantom matrix for fast tests
 SLICES = 5
@@ -26,6 +32,11 @@ def dicom_test_file(name: str) -> Path:
     if path is None:
         pytest.skip(f"pydicom test file {name} not installed (pip install pydicom-data)")
     return Path(path)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files of a series folder, sorted (an ldct-clip output also holds its manifest)."""
+    return sorted(folder.glob("*.dcm"))
 
 
 def snapshot(*paths: Path) -> dict[str, str]:
@@ -61,3 +72,53 @@ def sitk_affine(image: sitk.Image) -> np.ndarray:
     affine[:3, :3] = direction @ np.diag(image.GetSpacing())
     affine[:3, 3] = image.GetOrigin()
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def killed_write(fault: str, write) -> int:
+    """Run ``write`` in a forked child with ``LDCT_CLIP_FAULT=fault``; the child's exit code (-9: SIGKILLed)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.environ[FAULT_ENV] = fault
+            staging._fault_hits.clear()
+            write()
+        finally:
+            os._exit(3)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def as_nobody(function) -> str:
+    """Run ``function`` in a child process as user nobody; the message it raised (or "" if none)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        message = ""
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            function()
+        except Exception as error:
+            message = str(error)
+        finally:
+            os.write(write, message.encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        return f.read()
+
+
+def non_image_object(path: Path, sop_class: str, modality: str, **elements) -> None:
+    """A DICOM object without pixel data (SR, spectroscopy, presentation state...) of ``sop_class``."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), modality
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        sop_class,
+        ds.SOPInstanceUID,
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from ldct_clip.baselines import (
-    AIR_HU,
     NLMDenoiser,
     TVDenoiser,
     estimate_noise_sigma,
     get_baseline,
 )
+from ldct_clip.conventions import AIR_HU
 from ldct_clip.errors import InputError
 
 

@@ -1,21 +1,27 @@
 """``ldct-clip benchmark`` end to end on tiny simulated pairs, and its refusals."""
 
 import csv
+import hashlib
 import json
 import math
+import shutil
 import sys
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from denoise_helpers import TINY_SET
 from monai.data import MetaTensor
 
-from ldct_clip.benchmark import parse_methods, run_benchmark, select_slices
+import ldct_clip.bundles.locate
+from ldct_clip.apps.benchmark_report import parse_methods, run_benchmark
 from ldct_clip.cli import main
 from ldct_clip.data.phantom import make_phantom
 from ldct_clip.errors import InputError
+from ldct_clip.evaluation import select_slices
 from ldct_clip.io import save_nifti
+from ldct_clip.io.manifest import MANIFEST_NAME
 from ldct_clip.networks import CLIPDenoiser, save_checkpoint
 from ldct_clip.simulation import simulate_low_dose
 
@@ -47,7 +53,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(pairs_dir, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "bench"
-    argv = ["benchmark", str(pairs_dir), "--methods", ",".join(METHODS), "--weights", str(weights)]
+    argv = ["benchmark", str(pairs_dir), "--methods", ",".join(METHODS), "--weights", str(weights), *TINY_SET]
     code = main([*argv, "--protocol", "redcnn", "--output", str(out), "--no-progress"])
     assert code == 0
     return out
@@ -55,7 +61,7 @@ def report(pairs_dir, weights, tmp_path_factory):
 
 def test_report_files_and_figures(report):
     assert sorted(p.name for p in report.iterdir()) == sorted(
-        ["report.md", "benchmark.csv", "summary.json", *PNGS]
+        ["report.md", "benchmark.csv", "summary.json", MANIFEST_NAME, *PNGS]
     )
     for name in PNGS:
         image = matplotlib.image.imread(report / name)
@@ -111,6 +117,7 @@ def test_csv_and_summary(report):
     assert max(nps["frequency_per_mm"]) <= 0.5 / 5.0 + 1e-9  # Nyquist of 5 mm pixels
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_then_overwritten(pairs_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     out.mkdir()
@@ -118,9 +125,12 @@ def test_existing_output_is_refused_then_overwritten(pairs_dir, tmp_path, capsys
     argv = ["benchmark", str(pairs_dir), "--methods", "tv", "--output", str(out), "--no-progress"]
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
-    assert main([*argv, "--max-slices", "1", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists()
+    assert main([*argv, "--overwrite"]) == 2  # a folder ldct-clip did not write is never replaced
+    assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert main([*argv, "--max-slices", "2"]) == 0
+    assert main([*argv, "--max-slices", "1", "--overwrite"]) == 0  # an earlier report is
     with (out / "benchmark.csv").open() as f:
         assert {r["slice"] for r in csv.DictReader(f)} == {"0"}
 
@@ -128,7 +138,7 @@ def test_existing_output_is_refused_then_overwritten(pairs_dir, tmp_path, capsys
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--methods", "clip,tv"], "--weights"),
+        (["--methods", "clip,tv", "--weights", "absent.pt"], "absent.pt does not exist"),
         (["--methods", "tv,wiener"], "unknown method(s) wiener"),
         (["--methods", "tv", "--max-slices", "0"], "--max-slices"),
     ],
@@ -182,7 +192,7 @@ def test_methods_never_see_normal_dose():
     low = MetaTensor(torch.from_numpy(full + rng.normal(0, 30, full.shape).astype(np.float32)), affine=affine)
     seen = []
 
-    def clip(volume, oriented):
+    def clip(volume):
         seen.append(volume.clone())
         return volume * 0.5 + 20.0
 
@@ -207,8 +217,42 @@ def test_unreadable_weights_fail_before_any_output(pairs_dir, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     out = tmp_path / "bench"
-    argv = ["benchmark", str(pairs_dir), "--methods", "clip", "--weights", str(bad), "--output", str(out)]
+    argv = [
+        "benchmark",
+        str(pairs_dir),
+        "--methods",
+        "clip",
+        "--weights",
+        str(bad),
+        "--output",
+        str(out),
+        *TINY_SET,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "bad.pt" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_clip_defaults_to_the_bundles_weights(pairs_dir, weights, tmp_path, monkeypatch, report):
+    """Without --weights the model is the CT bundle's models/model.pt, sha256-checked: the same model rows as
+    naming that file."""
+    real = ldct_clip.bundles.locate.resolve_bundle("lowdose_ct_denoising")
+    bundle = shutil.copytree(
+        real, tmp_path / "bundles" / "lowdose_ct_denoising", ignore=shutil.ignore_patterns("*.pt")
+    )
+    shutil.copy(weights, bundle / "models" / "model.pt")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata["shipped_weights"]["sha256"] = digest
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    monkeypatch.setattr(ldct_clip.bundles.locate, "bundle_search_paths", lambda: [tmp_path / "bundles"])
+    out = tmp_path / "bench"
+    argv = ["benchmark", str(pairs_dir), "--methods", ",".join(METHODS), "--protocol", "redcnn", *TINY_SET]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    with (out / "benchmark.csv").open() as f, (report / "benchmark.csv").open() as g:
+        default, named = ([r for r in csv.DictReader(h) if r["method"] == "clip"] for h in (f, g))
+    assert [r["psnr"] for r in default] == [r["psnr"] for r in named] and len(default) == 3
+    (bundle / "models" / "model.pt").write_bytes(b"damaged")
+    assert main([*argv, "--output", str(tmp_path / "other"), "--no-progress"]) == 2

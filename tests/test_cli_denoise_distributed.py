@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from denoise_helpers import phantom_series, tiny_checkpoint
+from denoise_helpers import TINY_SET, phantom_series, tiny_checkpoint
 
 from ldct_clip.io import load_ct
 
@@ -19,7 +19,7 @@ def test_two_ranks_split_the_series(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "ldct_clip", "denoise", str(tree), str(out), "--weights", str(weights)]
-    cmd += ["--recursive", "--device", "cpu", "--no-progress"]
+    cmd += ["--recursive", "--device", "cpu", "--no-progress", *TINY_SET]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_a_failing_series_makes_every_rank_exit_non_zero(tmp_path):
     (out / "patient1").mkdir(parents=True)  # exists: this series is refused without --overwrite
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "ldct_clip", "denoise", str(tree), str(out), "--weights", str(weights)]
-    cmd += ["--recursive", "--device", "cpu", "--no-progress"]
+    cmd += ["--recursive", "--device", "cpu", "--no-progress", *TINY_SET]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0

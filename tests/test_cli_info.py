@@ -38,3 +38,37 @@ def test_info_with_a_weight_file(tmp_path, capsys):
     assert f"file {path}" in capsys.readouterr().out
     assert main(["info", "--encoder-weights", str(tmp_path / "missing.pt")]) == 0
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_info_says_what_works_now(tmp_path, capsys):
+    from ldct_clip.bundles import bundle_metadata
+
+    assert main(["info", "--cache-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sha = bundle_metadata("lowdose_ct_denoising")["shipped_weights"]["sha256"]
+    ct = next(s for s in lines if s.startswith("bundle lowdose_ct_denoising"))
+    assert f"sha256 {sha[:12]} verified" in ct and "demo weights" in ct and "works now" in ct
+    clip = next(s for s in lines if s.startswith("CLIP weights RN50/openai"))
+    assert "needed only to train" in clip and "denoising does not need them" in clip
+
+
+def test_info_check_lists_leftovers_and_changed_outputs(tmp_path, capsys):
+    from io_helpers import dicom_files
+
+    from ldct_clip.data.phantom import write_phantom_dicom
+
+    clean = write_phantom_dicom(tmp_path / "clean", size=16, slices=2)
+    assert main(["info", "--check", str(tmp_path)]) == 0
+    assert "no leftovers of interrupted runs; every ldct-clip output matches" in capsys.readouterr().out
+    edited = write_phantom_dicom(tmp_path / "edited", size=16, slices=2)
+    dicom_files(edited)[0].write_bytes(b"changed")
+    leftover = tmp_path / ".ldct-clip-staging-999999999-0123abcd-clean"  # a pid that cannot be alive
+    leftover.mkdir()
+    (leftover / "00001.dcm").write_bytes(b"half")
+    (leftover / ".ldct-clip-staging.json").write_text('{"pid": 999999999}')
+    assert main(["info", "--check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"  {leftover}" in out and f"  {edited}: files changed since ldct-clip wrote them: CT0001.dcm" in out
+    )
+    assert str(clean) not in out

@@ -9,12 +9,14 @@ import math
 
 import numpy as np
 import pytest
+from denoise_helpers import TINY_SET
 from PIL import Image
 from rgb_helpers import one_thread, tiny_rgb_checkpoint, write_images
 
 from ldct_clip.cli import main
+from ldct_clip.evaluation import rgb_metrics
 from ldct_clip.io.images import load_image
-from ldct_clip.metrics_rgb import rgb_metrics
+from ldct_clip.io.manifest import MANIFEST_NAME
 from ldct_clip.transforms.noise import make_noise
 
 SUITE = {"tiny": {"gaussian": [15, 50], "poisson": [2]}}
@@ -54,6 +56,7 @@ def _argv(setup, output, *more):
         "--max-images",
         "2",
         "--no-progress",
+        *TINY_SET,
         *more,
     ]
 
@@ -62,7 +65,9 @@ def test_tiny_run_writes_table_and_figure(setup, tmp_path, capsys):
     out = tmp_path / "report"
     with one_thread():
         assert main(_argv(setup, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["robustness.csv", "robustness.md", "robustness.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["robustness.csv", "robustness.md", "robustness.png", MANIFEST_NAME]
+    )
     with open(out / "robustness.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["noise"], float(r["level"])) for r in rows] == [
@@ -125,5 +130,5 @@ def test_a_ct_checkpoint_is_refused(setup, tmp_path, capsys):
     argv = _argv(setup, tmp_path / "report")
     argv[argv.index("--weights") + 1] = str(ct)
     assert main(argv) == 2
-    assert "1-channel network" in capsys.readouterr().err
+    assert "network_def#in_channels=1" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from io_helpers import dicom_files
 
 from ldct_clip.cli import main
 from ldct_clip.data.phantom import make_water_cylinder, write_phantom_dicom, write_phantom_nifti
@@ -50,8 +51,8 @@ def test_dicom_in_derived_dicom_out(tmp_path):
     assert low.shape == normal.shape
     np.testing.assert_allclose(low.affine.numpy(), normal.affine.numpy(), atol=1e-4)
     assert np.abs((low - normal).numpy()).max() > 5.0
-    header = pydicom.dcmread(sorted((output / "dicom").iterdir())[0], stop_before_pixels=True)
-    original = pydicom.dcmread(sorted(source.iterdir())[0], stop_before_pixels=True)
+    header = pydicom.dcmread(dicom_files(output / "dicom")[0], stop_before_pixels=True)
+    original = pydicom.dcmread(dicom_files(source)[0], stop_before_pixels=True)
     assert header.SeriesInstanceUID != original.SeriesInstanceUID
     assert header.StudyInstanceUID == original.StudyInstanceUID
     assert "simulated 0.5 dose" in " ".join(

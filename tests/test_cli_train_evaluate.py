@@ -1,17 +1,25 @@
 """``ldct-clip train`` and ``ldct-clip evaluate`` end to end on phantom data."""
 
 import csv
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from denoise_helpers import TINY_SET
+from monai.data import MetaTensor
 from training_helpers import TRAIN_CONFIG, one_thread, phantom_volumes
 
+import ldct_clip.bundles.locate
+import ldct_clip.evaluation
 from ldct_clip.cli import main
-from ldct_clip.data.phantom import make_phantom
+from ldct_clip.conventions import hu_to_model
+from ldct_clip.data.phantom import make_phantom, write_phantom_dicom
+from ldct_clip.evaluation import psnr
 from ldct_clip.io import load_ct, save_nifti
-from ldct_clip.metrics import psnr
+from ldct_clip.networks import CLIPDenoiser, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,7 @@ def test_evaluate_writes_table_csv_and_summary(trained, pairs, tmp_path, capsys)
             str(pairs),
             "--weights",
             str(out / "model.pt"),
+            *TINY_SET,
             "--output",
             str(result),
             "--device",
@@ -152,6 +161,7 @@ def test_evaluate_protocols_differ(trained, pairs, tmp_path):
             str(pairs),
             "--weights",
             str(out / "model.pt"),
+            *TINY_SET,
             "--output",
             str(result),
             "--protocol",
@@ -174,6 +184,7 @@ def test_evaluate_bad_input(trained, tmp_path, capsys):
             str(tmp_path / "missing"),
             "--weights",
             str(out / "model.pt"),
+            *TINY_SET,
             "--output",
             str(tmp_path / "e"),
         ]
@@ -187,6 +198,7 @@ def test_evaluate_bad_input(trained, tmp_path, capsys):
             str(tmp_path / "empty"),
             "--weights",
             str(out / "model.pt"),
+            *TINY_SET,
             "--output",
             str(tmp_path / "e"),
         ]
@@ -226,7 +238,16 @@ def test_evaluate_mayo_npy_pairs(trained, tmp_path):
     out, _ = trained
     pairs = phantom_mayo_npy(tmp_path / "mayo", patients=("L506",), size=48, slices=2)
     result = tmp_path / "eval"
-    argv = ["evaluate", "--pairs", str(pairs), "--weights", str(out / "model.pt"), "--output", str(result)]
+    argv = [
+        "evaluate",
+        "--pairs",
+        str(pairs),
+        "--weights",
+        str(out / "model.pt"),
+        "--output",
+        str(result),
+        *TINY_SET,
+    ]
     assert main([*argv, "--no-progress"]) == 0
     summary = json.loads((result / "summary.json").read_text())
     # the Mayo input is the target plus N(0, (5/255)^2) in the model range: ~35.6 dB under "paper"
@@ -235,16 +256,16 @@ def test_evaluate_mayo_npy_pairs(trained, tmp_path):
 
 
 def test_train_with_simulated_noise(tmp_path, monkeypatch, capsys):
-    import ldct_clip.simulation
+    import ldct_clip.data.caches
 
     calls = []
-    original = ldct_clip.simulation.simulate_low_dose
+    original = ldct_clip.data.caches.simulate_low_dose
 
     def counting(*args, **kwargs):
         calls.append(kwargs["dose"] if "dose" in kwargs else args[1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ldct_clip.simulation, "simulate_low_dose", counting)
+    monkeypatch.setattr(ldct_clip.data.caches, "simulate_low_dose", counting)
     data = phantom_volumes(tmp_path / "data", size=48, slices=2)
     out = tmp_path / "run"
     argv = [
@@ -252,7 +273,7 @@ def test_train_with_simulated_noise(tmp_path, monkeypatch, capsys):
         "--iterations", "3", "--batch", "2", "--crop", "32", "--workers", "0", "--val-patients", "C",
         "--layers", "1,1,1,1", "--width", "8", "--set", f'cache_dir="{tmp_path / "cache"}"',
         "--noise", "simulated", "--noise-dose", "0.5", "--noise-realizations", "3",
-        "--set", "noise_views=60", "--set", "noise_workers=1",
+        "--set", "simulation#n_views=60", "--set", "simulation#workers=1",
     ]  # fmt: skip
     with one_thread():
         assert main(argv) == 0
@@ -279,3 +300,107 @@ def test_train_simulated_noise_refuses_mayo_npy(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Mayo npy" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "model.pt").exists()
+
+
+# A display-oriented slice (rows anterior -> posterior, columns patient's right -> left), 48 x 64, with a bright
+# block in the patient's anterior-left: it must be plotted at the top right, whatever the input layout.
+ROWS, COLS, BLOCK = 48, 64, (slice(4, 14), slice(44, 60))
+
+
+def _display_slice() -> np.ndarray:
+    image = np.zeros((ROWS, COLS), np.float32)
+    image[BLOCK] = 1000.0
+    return image
+
+
+def _ras_volume(slices: int = 2) -> MetaTensor:
+    """The same anatomy as a (1, X, Y, Z) RAS volume: x runs towards the patient's right, y anterior."""
+    ras = _display_slice()[::-1, ::-1].T  # (X, Y): display row r is y = ROWS-1-r, column c is x = COLS-1-c
+    volume = np.repeat(np.ascontiguousarray(ras)[None, ..., None], slices, axis=-1)
+    return MetaTensor(torch.from_numpy(volume), affine=torch.diag(torch.tensor([0.8, 0.8, 3.0, 1.0])))
+
+
+def _write_layout(layout: str, root) -> None:
+    full = _ras_volume()
+    low = full.clone() + 1.0  # the model is random: what matters is where the block is drawn
+    if layout == "nifti":
+        save_nifti(full, root / "P_full.nii.gz")
+        save_nifti(low, root / "P_low.nii.gz")
+    elif layout == "dicom":
+        write_phantom_dicom(root / "P" / "full", volume=full, manifest=False)
+        write_phantom_dicom(root / "P" / "low", volume=low, manifest=False)
+    else:  # Mayo npy: slices stored in display orientation, in the model range
+        for z in range(2):
+            np.save(root / f"L1_{z}_target.npy", hu_to_model(_display_slice()))
+            np.save(root / f"L1_{z}_input.npy", hu_to_model(_display_slice() + 1.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint(path, CLIPDenoiser(layers=(1, 1, 1, 1), width=8))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["nifti", "dicom", "mayo_npy"])
+def test_evaluate_example_figure_is_upright_for_every_layout(layout, tiny_weights, tmp_path, monkeypatch):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    _write_layout(layout, pairs)
+    saved = []
+    original = ldct_clip.evaluation.save_figure
+
+    def keep(figure, path, *args, **kwargs):
+        saved.append(figure)
+        return original(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(ldct_clip.evaluation, "save_figure", keep)
+    argv = [
+        "evaluate",
+        "--pairs",
+        str(pairs),
+        "--weights",
+        str(tiny_weights),
+        "--output",
+        str(tmp_path / "e"),
+        *TINY_SET,
+    ]
+    assert main([*argv, "--protocol", "redcnn", "--device", "cpu", "--no-progress"]) == 0
+    (figure,) = saved
+    assert [ax.get_title() for ax in figure.axes] == ["low dose", "denoised", "normal dose"]
+    for panel in (0, 2):  # the inputs, whose values are known
+        shown = np.asarray(figure.axes[panel].images[0].get_array())
+        assert shown.shape == (ROWS, COLS), layout
+        rows, cols = np.nonzero(shown > 500)
+        assert rows.max() < ROWS // 2 and cols.min() >= COLS // 2, f"{layout}: the block is not top right"
+        np.testing.assert_allclose(shown[BLOCK], 1000.0 + (panel == 0), atol=0.01)
+
+
+@pytest.mark.slow
+def test_evaluate_defaults_to_the_bundles_weights(pairs, tiny_weights, tmp_path, monkeypatch):
+    """Without --weights: the CT bundle's models/model.pt, sha256-checked against its metadata.json."""
+    real = ldct_clip.bundles.locate.resolve_bundle("lowdose_ct_denoising")
+    bundle = shutil.copytree(
+        real, tmp_path / "bundles" / "lowdose_ct_denoising", ignore=shutil.ignore_patterns("*.pt")
+    )
+    shutil.copy(tiny_weights, bundle / "models" / "model.pt")
+    digest = hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata["shipped_weights"]["sha256"] = digest
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    monkeypatch.setattr(ldct_clip.bundles.locate, "bundle_search_paths", lambda: [tmp_path / "bundles"])
+    scores = {}
+    for name, extra in (("default", []), ("named", ["--weights", str(tiny_weights)])):
+        out = tmp_path / name
+        argv = ["evaluate", "--pairs", str(pairs), "--output", str(out), "--no-progress", *TINY_SET]
+        assert main([*argv, *extra]) == 0
+        scores[name] = json.loads((out / "summary.json").read_text())
+    assert scores["default"]["weights"] == str((bundle / "models" / "model.pt").resolve())
+    assert scores["default"]["denoised"] == scores["named"]["denoised"]
+    (bundle / "models" / "model.pt").write_bytes(b"damaged")
+    assert (
+        main(["evaluate", "--pairs", str(pairs), "--output", str(tmp_path / "x"), "--no-progress", *TINY_SET])
+        == 2
+    )
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""Datasets: layouts, patient split, slice cache, the seeded training stream, augmentation, pairs."""
+"""CT datasets: layouts, patient split, slice and noise caches, the seeded training stream, augmentation,
+the CT noise transforms, pairs."""
 
 import os
 from collections import Counter
@@ -8,9 +9,29 @@ import pytest
 import torch
 from training_helpers import phantom_mayo_npy, phantom_volumes
 
-from ldct_clip.data import datasets as D
-from ldct_clip.data.phantom import make_phantom, write_phantom_dicom, write_phantom_nifti
+import ldct_clip.data.caches
+from ldct_clip.data.caches import SimulatedNoiseCache, VolumeSliceCache
+from ldct_clip.data.ct_dataset import CTSliceDataset, make_train_dataset, make_val_dataset
+from ldct_clip.data.layouts import (
+    detect_layout,
+    find_mayo_npy,
+    find_pairs,
+    find_volumes,
+    load_pair_volumes,
+    split_patients,
+)
+from ldct_clip.data.phantom import make_phantom, make_water_cylinder, write_phantom_dicom, write_phantom_nifti
+from ldct_clip.data.stream import StreamSampler
 from ldct_clip.errors import InputError
+from ldct_clip.io import save_nifti
+from ldct_clip.simulation import MU_WATER_PER_MM, measure_noise_std
+from ldct_clip.transforms import (
+    CTGaussianNoise,
+    CTGaussianNoised,
+    SimulatedCTNoise,
+    SimulatedCTNoised,
+    SimulationSettings,
+)
 from ldct_clip.transforms.augment import RandDihedrald
 
 
@@ -20,7 +41,7 @@ def test_mayo_layout_and_patient_split(tmp_path):
         np.save(tmp_path / f"L067_{z}_input.npy", np.zeros((4, 4), np.float32))
     np.save(tmp_path / "L506_0_target.npy", np.zeros((4, 4), np.float32))
     np.save(tmp_path / "notes.npy", np.zeros(1))
-    slices = D.find_mayo_npy(tmp_path)
+    slices = find_mayo_npy(tmp_path)
     assert [(s["patient"], s["slice"]) for s in slices] == [
         ("L067", 0),
         ("L067", 2),
@@ -29,21 +50,21 @@ def test_mayo_layout_and_patient_split(tmp_path):
         ("L506", 0),
     ]
     assert slices[-1]["input"] is None
-    assert D.detect_layout(tmp_path) == "mayo_npy"
-    assert D.split_patients(["L067", "L506"], ["L506"]) == (["L067"], ["L506"])
-    assert D.split_patients(["L067", "L506"], "L506") == (["L067"], ["L506"])
+    assert detect_layout(tmp_path) == "mayo_npy"
+    assert split_patients(["L067", "L506"], ["L506"]) == (["L067"], ["L506"])
+    assert split_patients(["L067", "L506"], "L506") == (["L067"], ["L506"])
     with pytest.raises(InputError, match="L999"):
-        D.split_patients(["L067", "L506"], ["L999"])
+        split_patients(["L067", "L506"], ["L999"])
     with pytest.raises(InputError, match="no patient left"):
-        D.split_patients(["L067"], ["L067"])
+        split_patients(["L067"], ["L067"])
 
 
 def test_fractional_split_is_seeded():
     patients = [f"P{i}" for i in range(10)]
-    train, val = D.split_patients(patients, val_fraction=0.2, seed=3)
+    train, val = split_patients(patients, val_fraction=0.2, seed=3)
     assert len(val) == 2 and set(train) | set(val) == set(patients) and not set(train) & set(val)
-    assert D.split_patients(patients, val_fraction=0.2, seed=3) == (train, val)
-    assert any(D.split_patients(patients, val_fraction=0.2, seed=s)[1] != val for s in range(4, 10))
+    assert split_patients(patients, val_fraction=0.2, seed=3) == (train, val)
+    assert any(split_patients(patients, val_fraction=0.2, seed=s)[1] != val for s in range(4, 10))
 
 
 def test_dihedral_gives_the_8_transforms_uniformly():
@@ -57,19 +78,18 @@ def test_dihedral_gives_the_8_transforms_uniformly():
 
 def test_volume_cache_decodes_once(tmp_path, monkeypatch):
     path = write_phantom_nifti(tmp_path / "A.nii.gz", size=32, slices=3, seed=0)
-    cache = D.VolumeSliceCache(tmp_path / "cache")
+    cache = VolumeSliceCache(tmp_path / "cache")
     first = cache.slices(path)
     assert isinstance(first, np.memmap) and first.shape == (3, 32, 32) and first.dtype == np.float32
     # x = (HU + 1024) / 4096 of the same slice (reoriented: compare the sorted body values; int16 file)
     expected = (make_phantom(size=32, slices=3, seed=0).numpy()[0][..., 1] + 1024) / 4096
     got = np.sort(first[1][first[1] > 0.1])
     np.testing.assert_allclose(got, np.sort(expected[expected > 0.1]), atol=0.6 / 4096)
-    import ldct_clip.io
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(ldct_clip.io, "load_ct", no_decoding)
+    monkeypatch.setattr(ldct_clip.data.caches, "load_ct", no_decoding)
     np.testing.assert_array_equal(cache.slices(path), first)
     os.utime(path, ns=(1, 1))  # a changed file is decoded again
     with pytest.raises(AssertionError, match="decoded again"):
@@ -79,10 +99,10 @@ def test_volume_cache_decodes_once(tmp_path, monkeypatch):
 def test_dicom_and_nifti_volumes_found(tmp_path):
     write_phantom_nifti(tmp_path / "A.nii.gz", size=32, slices=2, seed=0)
     write_phantom_dicom(tmp_path / "site1" / "B", size=32, slices=2, seed=1)
-    volumes = D.find_volumes(tmp_path)
+    volumes = find_volumes(tmp_path)
     assert [v["patient"] for v in volumes] == ["A", "site1_B"]
-    assert D.detect_layout(tmp_path) == "volumes"
-    dataset = D.CTSliceDataset(tmp_path, ["site1_B"], cache_dir=tmp_path / "cache")
+    assert detect_layout(tmp_path) == "volumes"
+    dataset = CTSliceDataset(tmp_path, ["site1_B"], cache_dir=tmp_path / "cache")
     assert (
         len(dataset) == 2 and dataset[1]["patient"] == "site1_B" and dataset[1]["label"].shape == (1, 32, 32)
     )
@@ -90,7 +110,7 @@ def test_dicom_and_nifti_volumes_found(tmp_path):
 
 def test_training_stream_is_a_function_of_seed_and_position(tmp_path):
     root = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=48, slices=3)
-    stream = D.make_train_dataset(root, val_patients=["P2"], seed=7, crop_size=32)
+    stream = make_train_dataset(root, val_patients=["P2"], seed=7, crop_size=32)
     assert len(stream) == 3  # P1's slices only
     a = stream[5]
     for p in (0, 9, 2):
@@ -98,7 +118,7 @@ def test_training_stream_is_a_function_of_seed_and_position(tmp_path):
     b = stream[5]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert not torch.equal(stream[6]["image"], a["image"])
-    other_seed = D.make_train_dataset(root, val_patients=["P2"], seed=8, crop_size=32)
+    other_seed = make_train_dataset(root, val_patients=["P2"], seed=8, crop_size=32)
     assert not torch.equal(other_seed[5]["image"], a["image"])
     # every pass over the data visits each slice once
     assert sorted(stream[p]["slice"] for p in range(3, 6)) == [0, 1, 2]
@@ -115,9 +135,9 @@ def test_stream_sampler_shards_ranks_and_resumes():
         it = iter(sampler)
         return [next(it) for _ in range(n)]
 
-    r0, r1 = D.StreamSampler(4, rank=0, world_size=2), D.StreamSampler(4, rank=1, world_size=2)
+    r0, r1 = StreamSampler(4, rank=0, world_size=2), StreamSampler(4, rank=1, world_size=2)
     assert take(r0, 8) == [0, 1, 2, 3, 8, 9, 10, 11] and take(r1, 4) == [4, 5, 6, 7]
-    single = D.StreamSampler(4, rank=0, world_size=1)
+    single = StreamSampler(4, rank=0, world_size=1)
     full = take(single, 12)
     single.start_iteration = 2
     assert take(single, 4) == full[8:]
@@ -125,17 +145,17 @@ def test_stream_sampler_shards_ranks_and_resumes():
 
 def test_validation_pairs(tmp_path):
     volumes = phantom_volumes(tmp_path / "vol", patients=("A", "B"), size=32, slices=2)
-    val = D.make_val_dataset(volumes, ["B"], cache_dir=tmp_path / "cache")
+    val = make_val_dataset(volumes, ["B"], cache_dir=tmp_path / "cache")
     assert len(val) == 2
     first, again = val[0], val[0]
     np.testing.assert_array_equal(first["image"], again["image"])  # the same noise at every validation
     assert float(np.std(first["image"] - first["label"])) == pytest.approx(5 / 255, rel=0.1)
     mayo = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=3)
-    real = D.make_val_dataset(mayo, ["P2"], max_slices_per_patient=2)
+    real = make_val_dataset(mayo, ["P2"], max_slices_per_patient=2)
     assert len(real) == 2 and [real[i]["slice"] for i in range(2)] == [0, 2]
     np.testing.assert_array_equal(real[1]["image"][0], np.load(mayo / "P2_2_input.npy"))
     with pytest.raises(InputError, match="no validation patients"):
-        D.make_val_dataset(mayo)
+        make_val_dataset(mayo)
 
 
 def test_find_pairs_layouts(tmp_path):
@@ -144,42 +164,34 @@ def test_find_pairs_layouts(tmp_path):
     for kind in ("low", "full"):
         write_phantom_dicom(tmp_path / "Y" / kind, size=16, slices=2, seed=1)
     phantom_mayo_npy(tmp_path, patients=("Z",), size=16, slices=2)
-    pairs = D.find_pairs(tmp_path)
+    pairs = find_pairs(tmp_path)
     assert [(p["patient"], p["kind"]) for p in pairs] == [("X", "volume"), ("Y", "volume"), ("Z", "mayo_npy")]
-    low, full, oriented = D.load_pair_volumes(pairs[2])
+    low, full, oriented = load_pair_volumes(pairs[2])
     assert low.shape == full.shape == (1, 16, 16, 2) and oriented
     np.testing.assert_allclose(
         full[0, ..., 1].numpy(), np.load(tmp_path / "Z_1_target.npy") * 4096 - 1024, atol=1e-3
     )
     (tmp_path / "X_full.nii.gz").unlink()
     with pytest.raises(InputError, match="X_full"):
-        D.find_pairs(tmp_path)
+        find_pairs(tmp_path)
     with pytest.raises(InputError, match="not a folder"):
-        D.find_pairs(tmp_path / "missing")
+        find_pairs(tmp_path / "missing")
 
 
-def _sim_kwargs(cache):
+def _settings(**more) -> SimulationSettings:
     # few views and one process: a 48-pixel slice simulates in milliseconds
-    return {
-        "cache_dir": cache,
-        "noise": "simulated",
-        "noise_views": 60,
-        "noise_workers": 1,
-        "progress": False,
-    }
+    return SimulationSettings(n_views=60, workers=1, progress=False, **more)
 
 
 def _count_simulations(monkeypatch) -> list:
-    import ldct_clip.simulation
-
     calls = []
-    original = ldct_clip.simulation.simulate_low_dose
+    original = ldct_clip.data.caches.simulate_low_dose
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("seed"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ldct_clip.simulation, "simulate_low_dose", counting)
+    monkeypatch.setattr(ldct_clip.data.caches, "simulate_low_dose", counting)
     return calls
 
 
@@ -198,8 +210,6 @@ def _dihedral_crops(array: np.ndarray, size: int):
 
 
 def test_simulated_noise_stream(tmp_path, monkeypatch):
-    from ldct_clip.io import save_nifti
-
     root = tmp_path / "vol"
     root.mkdir()
     for i, patient in enumerate(("A", "B", "C")):
@@ -207,12 +217,12 @@ def test_simulated_noise_stream(tmp_path, monkeypatch):
         volume[0, 15:24, 14:20, :] = -3024.0  # padding inside the body, off-centre: shows the orientation
         save_nifti(volume, root / f"{patient}.nii.gz")
     calls = _count_simulations(monkeypatch)
-    kwargs = _sim_kwargs(tmp_path / "cache")
-    stream = D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
+    kwargs = {"cache_dir": tmp_path / "cache", "noise": SimulatedCTNoised(settings=_settings())}
+    stream = make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
     assert len(calls) == 4 and len(set(calls)) == 4  # 2 training volumes x 2 realisations, distinct seeds
     base = stream.base
-    noise_cache = D.SimulatedNoiseCache(tmp_path / "cache", n_views=60, workers=1, progress=False)
-    clean_cache = D.VolumeSliceCache(tmp_path / "cache")
+    noise_cache = SimulatedNoiseCache(tmp_path / "cache", _settings())
+    clean_cache = VolumeSliceCache(tmp_path / "cache")
     realisations = {p: noise_cache.noise(root / f"{p}.nii.gz", 2, name=p) for p in ("A", "B")}
     clean = {p: clean_cache.slices(root / f"{p}.nii.gz") for p in ("A", "B")}
     assert len(calls) == 4  # read back from the cache
@@ -251,16 +261,17 @@ def test_simulated_noise_stream(tmp_path, monkeypatch):
         stream[p]
     assert torch.equal(stream[5]["image"], again["image"]) and torch.equal(stream[5]["noise"], again["noise"])
     # a second construction reuses the cache: no simulation
-    D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
+    make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, **kwargs)
     assert len(calls) == 4
     # another dose is another cache entry
-    D.make_train_dataset(root, val_patients=["C"], seed=3, crop_size=32, noise_dose=0.5, **kwargs)
+    half_dose = SimulatedCTNoised(settings=_settings(dose=0.5))
+    make_train_dataset(
+        root, val_patients=["C"], seed=3, crop_size=32, cache_dir=tmp_path / "cache", noise=half_dose
+    )
     assert len(calls) == 8
     assert base.patients == ["A", "B"]
     # validation on the held-out patient's own simulated noise (one realisation), the same at every call
-    val = D.make_val_dataset(
-        root, ["C"], **{k: v for k, v in kwargs.items() if k != "noise"}, noise="simulated"
-    )
+    val = make_val_dataset(root, ["C"], cache_dir=tmp_path / "cache", noise=SimulatedCTNoise(_settings()))
     assert len(calls) == 9 and len(val) == 2
     (c_noise,) = noise_cache.noise(root / "C.nii.gz", 1, name="C")
     item = val[1]
@@ -273,24 +284,21 @@ def test_simulated_noise_level_follows_dose(tmp_path):
     """Quarter vs half dose: the added noise std scales as sqrt(1/d - 1) (electronic noise negligible), and
     its level matches the calibration of DEFAULT_PHOTONS (20 HU added at quarter dose in a 300 mm water
     cylinder at 0.7 mm pixels) scaled to this cylinder: std ~ sqrt(exp(mu D)) * pixel^-1.5."""
-    from ldct_clip.data.phantom import make_water_cylinder
-    from ldct_clip.io import save_nifti
-    from ldct_clip.simulation import MU_WATER_PER_MM, measure_noise_std
-
     path = save_nifti(
         make_water_cylinder(64, 2, diameter_mm=40, spacing=(0.8, 0.8, 3.0)), tmp_path / "W.nii.gz"
     )
     std = {}
     for dose in (0.25, 0.5):
-        cache = D.SimulatedNoiseCache(tmp_path / "cache", dose=dose, n_views=90, workers=1, progress=False)
+        settings = SimulationSettings(dose=dose, n_views=90, workers=1, progress=False)
+        cache = SimulatedNoiseCache(tmp_path / "cache", settings)
         noise = np.concatenate(cache.noise(path, 2, name="W"))  # model units, (Z, H, W)
         std[dose] = measure_noise_std(np.transpose(noise, (1, 2, 0)) * 4096.0, radius=8)  # HU, flat water
     assert std[0.25] / std[0.5] == pytest.approx(np.sqrt(3.0), rel=0.1)
     expected = 20.0 * np.sqrt(np.exp(MU_WATER_PER_MM * (40 - 300))) * (0.8 / 0.7) ** -1.5
     assert std[0.25] == pytest.approx(expected, rel=0.25)
     # the thickness comes from the volume (3 mm here) unless given: 4x thicker, half the noise
-    thick = D.SimulatedNoiseCache(
-        tmp_path / "cache", n_views=90, slice_thickness=12.0, workers=1, progress=False
+    thick = SimulatedNoiseCache(
+        tmp_path / "cache", SimulationSettings(n_views=90, slice_thickness=12.0, workers=1, progress=False)
     )
     noise = np.concatenate(thick.noise(path, 2, name="W"))
     assert measure_noise_std(np.transpose(noise, (1, 2, 0)) * 4096.0, radius=8) == pytest.approx(
@@ -298,9 +306,47 @@ def test_simulated_noise_level_follows_dose(tmp_path):
     )
 
 
-def test_simulated_noise_refuses_mayo_npy_and_unknown_noise(tmp_path):
+def test_simulated_noise_refuses_mayo_npy_and_bad_settings(tmp_path):
     root = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=2)
     with pytest.raises(InputError, match="Mayo npy"):
-        D.make_train_dataset(root, val_patients=["P2"], crop_size=16, **_sim_kwargs(tmp_path / "cache"))
-    with pytest.raises(InputError, match="gaussian, simulated"):
-        D.make_train_dataset(root, val_patients=["P2"], crop_size=16, noise="poisson")
+        make_train_dataset(
+            root,
+            val_patients=["P2"],
+            crop_size=16,
+            cache_dir=tmp_path / "cache",
+            noise=SimulatedCTNoised(settings=_settings()),
+        )
+    with pytest.raises(InputError, match="dose fraction"):
+        SimulationSettings(dose=1.5)
+    with pytest.raises(InputError, match="at least 1"):
+        SimulationSettings(realizations=0)
+
+
+def test_ct_noise_transforms_array_and_dictionary_twins():
+    clean = np.full((1, 64, 64), 0.002, np.float32)  # just above the bottom of the model range
+    noisy = CTGaussianNoise().set_random_state(3)(clean)
+    assert isinstance(noisy, np.ndarray) and noisy.dtype == np.float32
+    assert float((noisy - clean).std()) == pytest.approx(5 / 255, rel=0.05)
+    assert float(noisy.min()) < 0  # the paper's noise is not clipped
+    # validation seeds each slice with a numpy Generator: the same generator, the same noise
+    again = CTGaussianNoise().set_random_state(state=np.random.default_rng([0, 4, 2]))(clean)
+    expected = (clean + np.random.default_rng([0, 4, 2]).normal(0.0, 5 / 255, clean.shape)).astype(np.float32)
+    np.testing.assert_array_equal(again, expected)
+    # the dictionary twin: MONAI's RandGaussianNoised with probability 1 and a fixed std
+    twin = CTGaussianNoised("image", std=0.1).set_random_state(7)
+    draws = [twin({"image": torch.zeros(1, 32, 32)})["image"] for _ in range(2)]
+    assert all(float(d.std()) == pytest.approx(0.1, rel=0.1) for d in draws) and not torch.equal(*draws)
+
+    # simulated: one of the realisations, added unclipped; every realisation is drawn
+    stack = np.stack([np.full((4, 4), float(k), np.float32) for k in range(3)])
+    slice4 = np.full((1, 4, 4), 0.5, np.float32)
+    array_twin = SimulatedCTNoise().set_random_state(5)
+    picks = [float(array_twin(slice4, stack)[0, 0, 0]) - 0.5 for _ in range(60)]
+    assert set(picks) == {0.0, 1.0, 2.0}
+    # the dictionary twin draws the same realisations for the same seed, keeps the one drawn as "noise"
+    dict_twin = SimulatedCTNoised(settings=SimulationSettings(dose=0.5)).set_random_state(5)
+    assert dict_twin.settings.dose == 0.5
+    for pick in picks[:10]:
+        item = dict_twin({"label": slice4, "noise": stack})
+        assert item["noise"].shape == (1, 4, 4) and float(item["noise"][0, 0, 0]) == pick
+        np.testing.assert_array_equal(item["image"], slice4 + item["noise"])

@@ -1,17 +1,21 @@
-"""Demo-weights data preparation (``ldct_clip.data.demo_data``) on a stand-in for ../shared/data."""
+"""Demo-weights data preparation (``data_prep/demo_data.py``) on a stand-in for ../shared/data."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ldct_clip.data.datasets import find_pairs, find_volumes
-from ldct_clip.data.demo_data import prepare_demo_data
+from ldct_clip.data.layouts import find_pairs, find_volumes
 from ldct_clip.data.phantom import make_phantom, write_phantom_dicom, write_phantom_nifti
 from ldct_clip.errors import InputError
 from ldct_clip.io import load_ct
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_prep"))
+from demo_data import prepare_demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

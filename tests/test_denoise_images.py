@@ -3,14 +3,19 @@ size and bit depth, equal to the bundle's `inference.json` path; all outputs or 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from denoise_helpers import TINY_SET
 from rgb_helpers import one_thread, sample_image, tiny_rgb_checkpoint, write_images
 
+from ldct_clip.bundles import BundlePipeline
 from ldct_clip.cli import main
 from ldct_clip.errors import InputError, OutputError
-from ldct_clip.image_denoising import ImageDenoiser, bundle_task, denoise_images, plan_image_outputs
-from ldct_clip.io.images import load_image, save_image
+from ldct_clip.inference import SlicePredictor
+from ldct_clip.io.images import list_images, load_image, save_image
+from ldct_clip.io.jobs import plan_image_jobs
 from ldct_clip.networks import load_model
 
 
@@ -29,13 +34,13 @@ def folder(tmp_path):
 
 def _denoise(*argv) -> int:
     with one_thread():
-        return main(["denoise", *map(str, argv), "--device", "cpu", "--no-progress"])
+        return main(["denoise", *map(str, argv), "--device", "cpu", "--no-progress", *TINY_SET])
 
 
 def test_bundle_tasks():
-    assert bundle_task("srgb_denoising") == "srgb"
-    assert bundle_task("synthetic_denoising") == "synthetic"
-    assert bundle_task("lowdose_ct_denoising") == "ct"
+    assert BundlePipeline("srgb_denoising").task == "srgb"
+    assert BundlePipeline("synthetic_denoising").task == "synthetic"
+    assert BundlePipeline("lowdose_ct_denoising").task == "ct"
 
 
 def test_one_image(weights, folder, tmp_path, capsys):
@@ -46,7 +51,7 @@ def test_one_image(weights, folder, tmp_path, capsys):
     # exactly what the library gives for this image (padded to 32, clamped), to 16-bit rounding
     with torch.no_grad(), one_thread():
         model = load_model(weights).eval()
-        expected = ImageDenoiser(model, device="cpu", amp="auto")(source.as_tensor()).clamp(0, 1)
+        expected = SlicePredictor(model, channels_last=True)(source.as_tensor()[None])[0].clamp(0, 1)
     assert (result.as_tensor() - expected).abs().max() <= 0.5 / 65535 + 1e-6
     assert "denoised 1 image" in capsys.readouterr().out
 
@@ -54,8 +59,12 @@ def test_one_image(weights, folder, tmp_path, capsys):
 def test_a_folder_keeps_names_sizes_and_bit_depths(weights, folder, tmp_path):
     out = tmp_path / "out"
     assert _denoise(folder, out, "--bundle", "synthetic_denoising", "--weights", weights) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
-    for path in folder.iterdir():
+    # the folder is one output: the images and its manifest
+    images = list_images(folder)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in images] + ["ldct-clip-manifest.json"]
+    )
+    for path in images:
         source, result = load_image(path), load_image(out / path.name)
         assert result.shape == source.shape, path.name  # grey stays grey
         assert result.meta["bit_depth"] == source.meta["bit_depth"], path.name
@@ -69,14 +78,19 @@ def test_existing_outputs_and_outputs_inside_the_input_are_refused(weights, fold
     before = (out / "chelsea.png").read_bytes()
     assert _denoise(folder, out, "--bundle", "srgb_denoising", "--weights", weights) == 2
     assert "already exists" in capsys.readouterr().err
-    assert (
-        sorted(p.name for p in out.iterdir()) == ["chelsea.png"]
-        and (out / "chelsea.png").read_bytes() == before
-    )
     assert _denoise(folder, folder / "sub", "--bundle", "srgb_denoising", "--weights", weights) == 2
     assert "inside the input folder" in capsys.readouterr().err
+    # a folder ldct-clip did not write is never replaced, not even with --overwrite
+    assert _denoise(folder, out, "--bundle", "srgb_denoising", "--weights", weights, "--overwrite") == 2
+    assert "will not replace" in capsys.readouterr().err
+    assert (out / "chelsea.png").read_bytes() == before
+    for path in out.iterdir():
+        path.unlink()
+    out.rmdir()
+    assert _denoise(folder, out, "--bundle", "srgb_denoising", "--weights", weights) == 0
+    first = (out / "chelsea.png").read_bytes()
     assert _denoise(folder, out, "--bundle", "srgb_denoising", "--weights", weights, "--overwrite") == 0
-    assert (out / "chelsea.png").read_bytes() != before
+    assert (out / "chelsea.png").read_bytes() == first  # its own output: replaced by the same result
 
 
 def test_a_bad_image_leaves_no_output(weights, folder, tmp_path, capsys):
@@ -91,7 +105,7 @@ def test_a_bad_image_leaves_no_output(weights, folder, tmp_path, capsys):
 def test_wrong_weights_and_ct_options_are_refused(weights, folder, tmp_path, capsys):
     ct = tiny_rgb_checkpoint(tmp_path / "ct.pt", in_channels=1)
     assert _denoise(folder, tmp_path / "a", "--bundle", "srgb_denoising", "--weights", ct) == 2
-    assert "1-channel network" in capsys.readouterr().err
+    assert "do not fit the network" in capsys.readouterr().err
     assert (
         _denoise(folder, tmp_path / "b", "--bundle", "srgb_denoising", "--weights", weights, "--recursive")
         == 2
@@ -100,15 +114,20 @@ def test_wrong_weights_and_ct_options_are_refused(weights, folder, tmp_path, cap
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_plan_outputs(folder, tmp_path):
-    plan = plan_image_outputs(folder, tmp_path / "o", suffix="png")
-    assert [dst.name for _, dst in plan] == ["astronaut.png", "camera.png", "chelsea.png", "coffee16.png"]
-    assert plan_image_outputs(folder / "camera.png", tmp_path / "x.tif") == [
-        (folder / "camera.png", tmp_path / "x.tif")
+def test_plan_image_jobs(folder, tmp_path):
+    jobs = plan_image_jobs(folder, tmp_path / "o", suffix="png")
+    assert [Path(j["output"]).name for j in jobs] == [
+        "astronaut.png",
+        "camera.png",
+        "chelsea.png",
+        "coffee16.png",
+    ]
+    assert plan_image_jobs(folder / "camera.png", tmp_path / "x.tif") == [
+        {"image": str(folder / "camera.png"), "output": str(tmp_path / "x.tif")}
     ]
     with pytest.raises(InputError, match="not an image type"):
-        plan_image_outputs(folder, tmp_path / "o", suffix=".txt")
+        plan_image_jobs(folder, tmp_path / "o", suffix=".txt")
     with pytest.raises(OutputError, match="input itself"):
-        plan_image_outputs(folder / "camera.png", folder / "camera.png", overwrite=True)
+        plan_image_jobs(folder / "camera.png", folder / "camera.png", overwrite=True)
     with pytest.raises(InputError, match="no input"):
-        denoise_images(None, tmp_path / "o", lambda x: x)
+        plan_image_jobs(None, tmp_path / "o")

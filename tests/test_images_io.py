@@ -71,7 +71,13 @@ def test_save_rounds_clips_and_refuses_unsafe_writes(tmp_path):
     assert load_image(save_image(sixteen, tmp_path / "c.jpg")).meta["bit_depth"] == 8  # JPEG holds 8 bits
     with pytest.raises(InputError, match="expected \\(C, H, W\\)"):
         save_image(torch.zeros(2, 4, 4), tmp_path / "d.png")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.jpg"]  # no temporary files left
+    # no temporary files left; each image has its sidecar manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png",
+        "a.png.ldct-clip.json",
+        "c.jpg",
+        "c.jpg.ldct-clip.json",
+    ]
 
 
 def test_folder_listing_and_bad_files(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from io_helpers import SMALL, dicom_test_file, snapshot
+from io_helpers import SMALL, dicom_files, dicom_test_file, snapshot
 
 from ldct_clip.data.phantom import write_phantom_dicom
 from ldct_clip.errors import InputError
@@ -24,7 +24,7 @@ def _series(root: Path, **tags) -> Path:
 
 
 def _edit(folder: Path, index: int, **tags) -> None:
-    path = sorted(folder.iterdir())[index]
+    path = dicom_files(folder)[index]
     ds = pydicom.dcmread(path)
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
@@ -58,17 +58,17 @@ def missing_rescale_slope(root: Path):
 
 def missing_rescale_intercept(root: Path):
     folder = _series(root)
-    ds = pydicom.dcmread(sorted(folder.iterdir())[2])
+    ds = pydicom.dcmread(dicom_files(folder)[2])
     del ds.RescaleIntercept
-    ds.save_as(sorted(folder.iterdir())[2])
+    ds.save_as(dicom_files(folder)[2])
     return folder, {}
 
 
 def rows_columns_change(root: Path):
     folder = _series(root)
     other = write_phantom_dicom(root / "small", size=SMALL // 2, slices=1)
-    ds = pydicom.dcmread(next(other.iterdir()))
-    first = pydicom.dcmread(sorted(folder.iterdir())[0])
+    ds = pydicom.dcmread(dicom_files(other)[0])
+    first = pydicom.dcmread(dicom_files(folder)[0])
     ds.SeriesInstanceUID = first.SeriesInstanceUID
     ds.ImagePositionPatient = [0, 0, 100]
     ds.save_as(folder / "zz_other.dcm")
@@ -84,7 +84,7 @@ def orientation_changes(root: Path):
 
 def duplicate_position(root: Path):
     folder = _series(root)
-    ds = pydicom.dcmread(sorted(folder.iterdir())[1])
+    ds = pydicom.dcmread(dicom_files(folder)[1])
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(folder / "copy.dcm")
@@ -93,14 +93,14 @@ def duplicate_position(root: Path):
 
 def truncated_pixel_data(root: Path):
     folder = _series(root)
-    path = sorted(folder.iterdir())[2]
+    path = dicom_files(folder)[2]
     path.write_bytes(path.read_bytes()[:-500])
     return folder, {}
 
 
 def truncated_header(root: Path):
     folder = _series(root)
-    path = sorted(folder.iterdir())[1]
+    path = dicom_files(folder)[1]
     path.write_bytes(path.read_bytes()[:300])
     return folder, {}
 
@@ -156,7 +156,7 @@ CORPUS: list[tuple[Callable, str]] = [
     (nonexistent, r"missing does not exist; check the path"),
     (empty_folder, r"folder .*empty is empty"),
     (no_dicom_at_all, r"no DICOM images found in .*docs"),
-    (not_ct, r"no CT images \(Modality MR\); pass allow_non_ct=True"),
+    (not_ct, r"no CT images \(Modality MR\); ldct-clip denoises CT only"),
     (missing_rescale_slope, r"CT0001\.dcm lacks RescaleSlope, so stored values cannot be converted to HU"),
     (missing_rescale_intercept, r"CT0003\.dcm lacks RescaleIntercept"),
     (
@@ -214,7 +214,7 @@ def test_not_ct_loads_with_allow_non_ct(tmp_path):
 def test_non_uniform_spacing_warns_with_largest_deviation(tmp_path):
     folder = _series(tmp_path)
     before = snapshot(folder)
-    sorted(folder.iterdir())[1].unlink()  # positions 0, 6, 9 mm: gaps 6 and 3, median 4.5
+    dicom_files(folder)[1].unlink()  # positions 0, 6, 9 mm: gaps 6 and 3, median 4.5
     before = snapshot(folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

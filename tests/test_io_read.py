@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from io_helpers import SLICES, SMALL, dicom_test_file, sitk_affine, sitk_series
+from io_helpers import SLICES, SMALL, dicom_files, dicom_test_file, sitk_affine, sitk_series
 from monai.data import MetaTensor
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -44,7 +44,7 @@ def test_dicom_series_hu_affine_and_meta(series, phantom):
     np.testing.assert_allclose(volume.affine.numpy(), phantom.affine.numpy(), atol=1e-5)
     assert volume.meta["source_kind"] == "dicom"
     assert volume.meta["source_path"] == str(series.resolve())
-    assert volume.meta["series_uid"] == pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
+    assert volume.meta["series_uid"] == pydicom.dcmread(dicom_files(series)[0]).SeriesInstanceUID
 
 
 def test_affine_matches_simpleitk(series):
@@ -69,7 +69,7 @@ def test_oblique_sagittal_geometry_matches_simpleitk(tmp_path):
 
 def test_slices_ordered_by_position_not_instance_number(series):
     reference = load_ct(series)
-    files = sorted(series.iterdir())
+    files = dicom_files(series)
     for i, f in enumerate(files):
         ds = pydicom.dcmread(f)
         ds.InstanceNumber = 100 - 7 * i  # reversed and gapped
@@ -112,7 +112,7 @@ def test_localizer_next_to_axial_series_is_skipped(tmp_path, phantom):
 def test_phantom_series_in_other_transfer_syntaxes(tmp_path, phantom, syntax):
     reference = load_ct(write_phantom_dicom(tmp_path / "ref", volume=phantom))
     folder = write_phantom_dicom(tmp_path / "enc", volume=phantom, transfer_syntax=syntax)
-    assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == syntax
+    assert pydicom.dcmread(dicom_files(folder)[0]).file_meta.TransferSyntaxUID == syntax
     assert torch.equal(load_ct(folder), reference)
 
 
@@ -249,7 +249,7 @@ def test_itk_files_match_dicom_geometry(tmp_path, series, suffix):
 
 def test_series_folder_copy_is_not_needed(tmp_path, series):
     # A single file of a classic series loads as one slice with that slice's geometry.
-    first = sorted(series.iterdir())[0]
+    first = dicom_files(series)[0]
     shutil.copy(first, tmp_path / "one.dcm")
     volume = load_ct(tmp_path / "one.dcm")
     full = load_ct(series)

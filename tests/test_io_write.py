@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from io_helpers import SLICES, SMALL, dciodvfy_errors, sitk_series, snapshot
+from io_helpers import SLICES, SMALL, dciodvfy_errors, dicom_files, sitk_series, snapshot
 from monai.data import MetaTensor
 from monai.transforms import Orientation
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
@@ -42,7 +42,7 @@ def denoised(source):
 
 
 def _by_position(folder):
-    files = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    files = [pydicom.dcmread(p) for p in dicom_files(folder)]
     return {tuple(round(float(v), 3) for v in ds.ImagePositionPatient): ds for ds in files}
 
 
@@ -102,7 +102,7 @@ def test_description_series_number_and_model_name(tmp_path, source, denoised):
     out = save_dicom_series(
         denoised, source, tmp_path / "den", description="Custom", model_name="MyNet", series_number=42
     )
-    ds = pydicom.dcmread(next(out.iterdir()))
+    ds = pydicom.dcmread(dicom_files(out)[0])
     assert (ds.SeriesDescription, ds.SeriesNumber) == ("Custom", 42)
     assert ds.DerivationDescription.startswith("Denoised by MyNet")
 
@@ -115,13 +115,13 @@ def test_derivation_and_description_suffix_for_non_denoised_series(tmp_path, sou
         description_suffix=" [simulated 0.25 dose]",
         derivation="Simulated 0.25 dose (projection-domain noise insertion) by test",
     )
-    for path in out.iterdir():
+    for path in dicom_files(out):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.SeriesDescription == "Phantom seed 2 [simulated 0.25 dose]"
         assert ds.DerivationDescription == "Simulated 0.25 dose (projection-domain noise insertion) by test"
     # An explicit description is the whole text: no suffix is added to it.
     out = save_dicom_series(denoised, source, tmp_path / "full", description="CT [simulated 0.25 dose]")
-    assert pydicom.dcmread(next(out.iterdir())).SeriesDescription == "CT [simulated 0.25 dose]"
+    assert pydicom.dcmread(dicom_files(out)[0]).SeriesDescription == "CT [simulated 0.25 dose]"
 
 
 def test_long_source_description_keeps_the_suffix(tmp_path, denoised):
@@ -129,14 +129,14 @@ def test_long_source_description_keeps_the_suffix(tmp_path, denoised):
         tmp_path / "long", size=SMALL, slices=SLICES, seed=2, SeriesDescription="A" * 64
     )
     out = save_dicom_series(load_ct(source), source, tmp_path / "den")
-    assert pydicom.dcmread(next(out.iterdir())).SeriesDescription == "A" * 53 + " [denoised]"  # LO: 64
+    assert pydicom.dcmread(dicom_files(out)[0]).SeriesDescription == "A" * 53 + " [denoised]"  # LO: 64
 
 
 def test_simulate_cli_writes_simulated_not_denoised_descriptions(tmp_path):
     source = write_phantom_dicom(tmp_path / "normal", size=SMALL, slices=2, spacing=(6.0, 6.0, 3.0))
     argv = ["simulate", str(source), str(tmp_path / "low"), "--dose", "0.25", "--views", "32"]
     assert main([*argv, "--workers", "1", "--no-progress", "--seed", "3"]) == 0
-    ds = pydicom.dcmread(next((tmp_path / "low").iterdir()), stop_before_pixels=True)
+    ds = pydicom.dcmread(dicom_files(tmp_path / "low")[0], stop_before_pixels=True)
     assert ds.SeriesDescription == "Phantom seed 0 [simulated 0.25 dose]"
     assert ds.DerivationDescription.startswith("Simulated 0.25 dose (projection-domain noise insertion, ")
     assert ds.DerivationDescription.endswith(f"seed 3) by ldct-clip {ldct_clip.__version__} simulate")
@@ -156,7 +156,7 @@ def test_simulate_cli_writes_simulated_not_denoised_descriptions(tmp_path):
 def test_laterality_type_2c_passes_dciodvfy(tmp_path, tags, expected):
     source = write_phantom_dicom(tmp_path / "src", size=SMALL, slices=2, seed=1, **tags)
     out = save_dicom_series(load_ct(source), source, tmp_path / "den")
-    last = sorted(out.iterdir())[-1]
+    last = dicom_files(out)[-1]
     ds = pydicom.dcmread(last)
     assert ds.get("Laterality") == expected
     assert dciodvfy_errors(last) == []
@@ -171,7 +171,7 @@ def test_laterality_type_2c_passes_dciodvfy(tmp_path, tags, expected):
 
 def test_unpaired_body_parts_agree_with_dciodvfy(tmp_path, source, denoised):
     out = save_dicom_series(denoised, source, tmp_path / "den")
-    ds = pydicom.dcmread(next(out.iterdir()))
+    ds = pydicom.dcmread(dicom_files(out)[0])
     others = ["PARTIALBODY", "KIDNEY", "LUNG", "KNEE", "BREAST", "EYE", "ADRENAL"]
     for term in [*sorted(dicom_writer.UNPAIRED_BODY_PARTS), *others]:
         ds.BodyPartExamined = term
@@ -193,7 +193,7 @@ def test_values_clipped_to_int16(tmp_path, source, denoised):
 
 def test_dciodvfy_reports_no_errors(tmp_path, source, denoised):
     out = save_dicom_series(denoised, source, tmp_path / "den")
-    for path in (sorted(source.iterdir())[0], sorted(out.iterdir())[-1]):
+    for path in (dicom_files(source)[0], dicom_files(out)[-1]):
         assert dciodvfy_errors(path) == [], path
 
 
@@ -202,10 +202,10 @@ def test_jpeg2000_source_gives_uncompressed_output(tmp_path):
     source = write_phantom_dicom(tmp_path / "j2k", volume=phantom, transfer_syntax=JPEG2000Lossless)
     volume = load_ct(source)
     out = save_dicom_series(volume, source, tmp_path / "den")
-    ds = pydicom.dcmread(next(out.iterdir()))
+    ds = pydicom.dcmread(dicom_files(out)[0])
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert torch.equal(load_ct(out), volume)
-    assert dciodvfy_errors(sorted(out.iterdir())[0]) == []
+    assert dciodvfy_errors(dicom_files(out)[0]) == []
 
 
 def test_plain_array_without_meta(tmp_path, source, denoised):
@@ -252,7 +252,7 @@ def test_unsafe_outputs_are_refused(tmp_path, source, denoised):
         save_dicom_series(denoised, source, tmp_path / "taken")
     assert snapshot(source) == before
     save_dicom_series(denoised, source, tmp_path / "taken", overwrite=True)
-    assert len(list((tmp_path / "taken").iterdir())) == SLICES
+    assert len(dicom_files(tmp_path / "taken")) == SLICES
 
 
 def test_without_dicom_source_dicom_output_is_refused_nifti_works(tmp_path):

@@ -207,7 +207,8 @@ def test_make_srgb_pairs_script(tmp_path, capsys):
     Image.fromarray(data.camera()[:40, :40]).save(source / "b.png")  # grey: repeated to RGB
     out = tmp_path / "pairs"
     assert script.main(["--input", str(source), "--output", str(out)]) == 0
-    assert sorted(p.name for p in (out / "noisy").iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in (out / "noisy").glob("*.png")) == ["a.png", "b.png"]
+    assert (out / "noisy" / "ldct-clip-manifest.json").is_file()  # a folder this script wrote, replaceable
     clean, noisy = load_image(out / "clean" / "a.png"), load_image(out / "noisy" / "a.png")
     original = load_image(source / "a.png")
     assert torch.equal(clean.as_tensor(), original.as_tensor())  # the clean image is the original

@@ -1,4 +1,5 @@
-"""CT metric protocols: the reference code's numbers, scikit-image for LDCTBench, MONAI/ignite wiring, tables."""
+"""Metric protocols: the reference code's numbers, scikit-image for LDCTBench, one MONAI metric and one ignite
+handler for CT and RGB, tables."""
 
 import csv
 import json
@@ -10,7 +11,8 @@ import torch
 from ignite.engine import Engine
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ldct_clip import metrics as M
+from ldct_clip import evaluation as M
+from ldct_clip.conventions import model_to_hu, window_bounds
 from ldct_clip.errors import InputError
 
 FIXTURE = Path(__file__).parent / "data" / "reference" / "reference_ct_metrics.json"
@@ -37,8 +39,8 @@ def test_reference_numbers_reproduced(reference, setting, protocol):
     assert (
         proto.trunc == (params["trunc_min"], params["trunc_max"]) and proto.data_range == params["data_range"]
     )
-    noisy = M.model_range_to_hu(pairs[:, 0], norm_range)
-    clean = M.model_range_to_hu(pairs[:, 1], norm_range)
+    noisy = model_to_hu(pairs[:, 0], norm_range)
+    clean = model_to_hu(pairs[:, 1], norm_range)
     expected = reference["results"][setting]["per_pair"]
     np.testing.assert_allclose(
         M.psnr(noisy, clean, protocol).numpy(), [e["psnr"] for e in expected], rtol=0, atol=1e-6
@@ -48,7 +50,7 @@ def test_reference_numbers_reproduced(reference, setting, protocol):
     )
 
     # the same numbers through the MONAI metric on model-range batches
-    metric = M.CTPSNRMetric(protocol, norm_range=norm_range, reduction="none")
+    metric = M.ProtocolMetric("psnr", protocol, norm_range=norm_range, reduction="none")
     metric(pairs[:, :1], pairs[:, 1:])
     np.testing.assert_allclose(metric.aggregate().flatten().numpy(), [e["psnr"] for e in expected], atol=1e-6)
 
@@ -70,8 +72,8 @@ def test_ldctbench_matches_skimage(anatomy):
     rng = np.random.default_rng(1)
     clean = rng.normal(0, 300, (2, 1, 48, 40))
     noisy = clean + rng.normal(0, 40, clean.shape)
-    centre, width = M.LDCTBENCH_WINDOWS[anatomy]
-    low, high = centre - width / 2, centre + width / 2
+    low, high = window_bounds(f"ldctbench_{anatomy}")
+    width = high - low
     got = M.compute_ct_metrics(torch.tensor(noisy), torch.tensor(clean), "ldctbench", anatomy)
     for i in range(2):
         a = (np.clip(noisy[i, 0], low, high) - low) / width
@@ -104,10 +106,10 @@ def test_ignite_handlers_on_an_engine():
     noisy = clean + torch.tensor(rng.normal(0, 0.01, clean.shape), dtype=torch.float32)
     batches = [{"pred": noisy[:2], "label": clean[:2]}, {"pred": noisy[2:], "label": clean[2:]}]
     engine = Engine(lambda e, b: b)
-    M.CTPSNR("paper").attach(engine, "psnr")
-    M.CTRMSE("paper").attach(engine, "rmse")
+    M.MetricHandler("psnr", "paper").attach(engine, "psnr")
+    M.MetricHandler("rmse", "paper").attach(engine, "rmse")
     engine.run(batches, max_epochs=1)
-    hu_noisy, hu_clean = M.model_range_to_hu(noisy), M.model_range_to_hu(clean)
+    hu_noisy, hu_clean = model_to_hu(noisy), model_to_hu(clean)
     assert engine.state.metrics["psnr"] == pytest.approx(M.psnr(hu_noisy, hu_clean).mean().item(), rel=1e-6)
     assert engine.state.metrics["rmse"] == pytest.approx(M.rmse(hu_noisy, hu_clean).mean().item(), rel=1e-6)
     assert engine.state.metrics["rmse"] == pytest.approx(0.01 * 4096, rel=0.1)
@@ -140,3 +142,45 @@ def test_metric_table_csv_json(tmp_path):
     assert len(rows) == 3 and rows[2]["patient"] == "B" and float(rows[0]["denoised_psnr"]) == 40
     assert json.loads((tmp_path / "s.json").read_text())["protocol"] == "paper"
     assert "all" in table.format_table()
+
+
+def test_one_registry_for_ct_and_rgb():
+    """Every protocol by name, the ldctbench ones with their anatomy's named window, the RGB ones beside."""
+    assert set(M.PROTOCOLS) == {
+        "paper",
+        "redcnn",
+        "ldctbench-chest",
+        "ldctbench-abdomen",
+        "ldctbench-head",
+        "synthetic",
+        "srgb",
+    }
+    paper, redcnn = M.get_protocol("paper"), M.get_protocol("redcnn")
+    assert (paper.trunc, paper.data_range) == ((-1024.0, 3072.0), 4096.0)
+    assert (redcnn.trunc, redcnn.data_range) == ((-160.0, 240.0), 400.0)
+    head = M.get_protocol("ldctbench", "head")
+    assert head is M.PROTOCOLS["ldctbench-head"] and head.trunc == (0.0, 80.0) and head.data_range == 1.0
+    assert M.get_protocol("srgb").kind == "rgb" and M.get_protocol("srgb").rounding
+    assert M.get_protocol("synthetic").metric_names == ("psnr", "ssim")
+    with pytest.raises(InputError, match="scores RGB images"):
+        M.psnr(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16), "srgb")
+    with pytest.raises(InputError, match="scores CT slices"):
+        M.rgb_metrics(torch.zeros(3, 16, 16), torch.zeros(3, 16, 16), "paper")
+    with pytest.raises(InputError, match="no metric 'rmse'"):
+        M.ProtocolMetric("rmse", "synthetic")
+
+
+def test_the_same_metric_and_handler_score_rgb_images():
+    rng = np.random.default_rng(5)
+    clean = torch.tensor(rng.uniform(0, 1, (3, 3, 24, 20)), dtype=torch.float32)
+    noisy = clean + torch.tensor(rng.normal(0, 0.05, clean.shape), dtype=torch.float32)
+    expected = {m: [M.rgb_metrics(c, n, "srgb")[m] for c, n in zip(clean, noisy)] for m in ("psnr", "ssim")}
+    metric = M.ProtocolMetric("ssim", "srgb", reduction="none")
+    metric(noisy, clean)
+    np.testing.assert_allclose(metric.aggregate().flatten().numpy(), expected["ssim"], rtol=0, atol=1e-12)
+    engine = Engine(lambda e, b: b)
+    M.MetricHandler("psnr", "srgb").attach(engine, "psnr")
+    engine.run(
+        [{"pred": noisy[:2], "label": clean[:2]}, {"pred": noisy[2:], "label": clean[2:]}], max_epochs=1
+    )
+    assert engine.state.metrics["psnr"] == pytest.approx(np.mean(expected["psnr"]), rel=1e-6)  # via float32

@@ -10,7 +10,8 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ldct_clip.errors import InputError
-from ldct_clip.metrics_rgb import crop_to, pad_to_multiple, psnr_255, rgb_metrics, ssim_matlab, to_255
+from ldct_clip.evaluation import psnr_255, rgb_metrics, ssim_matlab, to_255
+from ldct_clip.networks import pad_to_multiple
 
 
 def _pair():
@@ -66,23 +67,26 @@ def test_protocols_clamp_scale_and_round():
         psnr_255(to_255(clean, False), np.full(clean.shape, 255.0))
     )  # the output is clamped to [0, 1] first
     assert to_255(torch.tensor([2.4 / 255, 2.6 / 255, 1.2]), rounding=True).tolist() == [2.0, 3.0, 255.0]
-    with pytest.raises(InputError, match="unknown RGB metric protocol"):
+    with pytest.raises(InputError, match="unknown metric protocol"):
         rgb_metrics(clean, clean, "ct")
 
 
 def test_pad_to_multiple_of_32_reflect_and_crop_back():
+    """The one ``pad_to_multiple`` (``ldct_clip.networks``) pads as the reference's evaluation does."""
     x = torch.arange(2 * 3 * 50 * 70, dtype=torch.float32).reshape(2, 3, 50, 70)
-    padded, size = pad_to_multiple(x, 32)
-    assert padded.shape == (2, 3, 64, 96) and size == (50, 70)
+    padded = pad_to_multiple(x, 32)
+    assert padded.shape == (2, 3, 64, 96)
     # reflect at the bottom/right edge, the edge row not repeated (the reference's F.pad(..., 'reflect'))
     assert torch.equal(padded[:, :, 50, :70], x[:, :, 48]) and torch.equal(
         padded[:, :, :50, 70], x[:, :, :, 68]
     )
-    assert torch.equal(crop_to(padded, size), x)
-    same, size = pad_to_multiple(x[:, :, :32, :64])
-    assert same.shape == (2, 3, 32, 64)
-    single, _ = pad_to_multiple(x[0])
-    assert single.shape == (3, 64, 96)
+    assert torch.equal(padded[..., :50, :70], x)
+    assert pad_to_multiple(x[:, :, :32, :64], 32).shape == (2, 3, 32, 64)
+    assert pad_to_multiple(x[0], 32).shape == (3, 64, 96)
+    # a tiny image is reflected again and again, as numpy's "reflect" does (the other copy replicated here)
+    tiny = torch.arange(6.0).reshape(1, 1, 2, 3)
+    expected = np.pad(tiny[0, 0].numpy(), ((0, 2), (0, 1)), mode="reflect")
+    np.testing.assert_array_equal(pad_to_multiple(tiny, 4)[0, 0].numpy(), expected)
 
 
 def test_ssim_on_blurred_image_is_sensible():

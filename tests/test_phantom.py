@@ -94,7 +94,7 @@ def test_water_cylinder():
 
 def test_dicom_series_valid_and_read_back(tmp_path):
     folder = write_phantom_dicom(tmp_path / "p", size=32, slices=3, seed=4, PatientName="Test^Phantom")
-    files = sorted(folder.iterdir())
+    files = sorted(folder.glob("*.dcm"))  # beside them: the ldct-clip manifest
     assert len(files) == 3
     ds = pydicom.dcmread(files[0])
     assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
@@ -108,7 +108,7 @@ def test_dicom_series_valid_and_read_back(tmp_path):
 
 def test_tag_none_deletes_element(tmp_path):
     folder = write_phantom_dicom(tmp_path / "p", size=16, slices=1, RescaleSlope=None)
-    assert "RescaleSlope" not in pydicom.dcmread(next(folder.iterdir()))
+    assert "RescaleSlope" not in pydicom.dcmread(next(folder.glob("*.dcm")))
 
 
 def test_nifti_writer(tmp_path):

@@ -1,22 +1,26 @@
-"""Noise measurements and figures of the benchmark report."""
+"""Noise measurements and figures of the evaluation reports."""
 
 import json
 
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from scipy.ndimage import gaussian_filter
 
 from ldct_clip.errors import InputError
-from ldct_clip.reporting import (
+from ldct_clip.evaluation import (
     display_pixel_spacing,
     display_slice,
     find_detail_crop,
     find_flat_roi,
+    flat_roi_noise,
     noise_power_spectrum,
+    plot_comparison,
     plot_nps,
     radial_average,
     roi_std,
+    save_figure,
     write_json,
 )
 
@@ -86,6 +90,17 @@ def test_roi_std_is_the_sample_std():
     assert roi_std(image, (slice(0, 2), slice(0, 2))) == pytest.approx(np.std([0, 1, 4, 5], ddof=1))
 
 
+def test_flat_roi_noise_measures_every_image_on_the_reference_roi():
+    rng = np.random.default_rng(6)
+    reference = np.full((64, 64), 40.0)
+    reference[:, :32] += rng.normal(0.0, 50.0, (64, 32))  # textured left half: the ROI goes right
+    noisy = reference + rng.normal(0.0, 20.0, reference.shape)
+    roi, noise = flat_roi_noise({"low dose": noisy, "normal dose": reference}, reference)
+    assert roi == find_flat_roi(reference, 8) and roi[1].start >= 32
+    assert noise["normal dose"] == 0.0
+    assert noise["low dose"] == roi_std(noisy, roi) and 12.0 < noise["low dose"] < 28.0
+
+
 def test_display_follows_radiological_convention():
     """Anterior at the top, the patient's right (RAS +x) on the viewer's left, whatever the voxel order."""
     ras = np.zeros((6, 4))  # (X, Y) slice of a RAS volume
@@ -106,8 +121,44 @@ def test_display_follows_radiological_convention():
 
 def test_nps_plot_and_json(tmp_path):
     freq = np.linspace(0, 0.6, 10)
-    path = plot_nps({"low dose": (freq, 100 + freq), "tv": (freq, 10 + freq)}, tmp_path / "nps.png")
+    path = save_figure(
+        plot_nps({"low dose": (freq, 100 + freq), "tv": (freq, 10 + freq)}), tmp_path / "nps.png"
+    )
     image = matplotlib.image.imread(path)
     assert image.shape[0] >= 300 and image.shape[1] >= 400 and image.std() > 0.01
     write_json({"a": float("nan"), "b": np.float32(1.5), "c": np.arange(2)}, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": None, "b": 1.5, "c": [0, 1]}
+
+
+def test_nps_axis_range_comes_from_the_data():
+    """The zero-frequency ring is ~0 once the mean is removed (1e-28 here): it must not set the log axis."""
+    freq = np.linspace(0, 0.6, 13)
+    low_dose = np.r_[1e-28, 400 - 300 * freq[1:]]
+    denoised = np.r_[1e-30, 40 - 30 * freq[1:]]
+    figure = plot_nps({"low dose": (freq, low_dose), "denoised": (freq, denoised)})
+    assert isinstance(figure, Figure)
+    ax = figure.axes[0]
+    bottom, top = ax.get_ylim()
+    assert denoised[-1] / 2 < bottom <= denoised[-1] and low_dose[1] <= top < 2 * low_dose[1]
+    assert all(line.get_xdata().min() > 0 for line in ax.get_lines())  # zero frequency left out
+    # a curve near zero somewhere (a perfect denoiser) cannot stretch the axis beyond 5 decades either
+    figure = plot_nps({"low dose": (freq, low_dose), "perfect": (freq, np.r_[0.0, np.full(12, 1e-20)])})
+    bottom, top = figure.axes[0].get_ylim()
+    assert top / bottom < 1e6
+
+
+def test_comparison_is_one_figure_of_slices_zoom_and_differences(tmp_path):
+    rng = np.random.default_rng(7)
+    normal = np.full((48, 64), -1000.0)
+    normal[8:40, 8:56] = 40.0
+    images = {"normal dose": normal, "low dose": normal + rng.normal(0, 30, normal.shape), "denoised": normal}
+    crop, flat = (slice(10, 26), slice(10, 26)), (slice(20, 28), slice(30, 38))
+    figure = plot_comparison(images, "normal dose", "abdomen", crop=crop, flat_roi=flat, title="t")
+    assert isinstance(figure, Figure) and len(figure.subfigs) == 2
+    top, bottom = figure.subfigs
+    assert [ax.get_title() for ax in top.axes[:3]] == ["normal dose", "low dose", "denoised"]
+    assert [ax.get_title() for ax in bottom.axes[:2]] == ["low dose - normal dose", "denoised - normal dose"]
+    assert top.axes[0].images[0].get_clim() == (-160.0, 240.0)  # the named abdomen window
+    np.testing.assert_array_equal(top.axes[3].images[0].get_array(), normal[crop])
+    image = matplotlib.image.imread(save_figure(figure, tmp_path / "comparison.png"))
+    assert image.shape[0] > 600 and image.shape[1] > 600 and image[..., :3].std() > 0.05

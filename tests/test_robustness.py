@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from ldct_clip.errors import InputError, OutputError
-from ldct_clip.robustness import (
+from ldct_clip.apps.robustness_report import (
     denoise_image,
     evaluate_robustness,
     summarise_robustness,
     write_robustness_report,
 )
+from ldct_clip.errors import InputError, OutputError
 
 
 def _images():

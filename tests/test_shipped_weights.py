@@ -3,10 +3,11 @@ small enough to ship, and better than the low-dose input on a phantom they were 
 
 import json
 
+import pytest
 import torch
 
+from ldct_clip.apps.demo import run_demo
 from ldct_clip.bundles import SHIPPED_WEIGHTS, bundle_weights, resolve_bundle
-from ldct_clip.demo import run_demo
 from ldct_clip.networks import load_model
 from ldct_clip.networks.clip_weights import sha256_of
 
@@ -33,6 +34,7 @@ def test_shipped_weights_are_the_papers_ct_network_in_float16():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # cast back on load
 
 
+@pytest.mark.slow
 def test_demo_with_the_shipped_weights_beats_the_low_dose_input(tmp_path):
     """Two slices of the demo (512 x 512 phantom of a seed never trained on, simulated quarter dose)."""
     result = run_demo(tmp_path / "demo", slices=2, workers=1, progress=False)

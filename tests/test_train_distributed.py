@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from training_helpers import TRAIN_CONFIG, phantom_volumes
 
@@ -14,6 +15,7 @@ from ldct_clip.networks import load_model
 MULTI_GPU_CONFIG = str(Path(TRAIN_CONFIG).with_name("multi_gpu_train.json"))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training(tmp_path):
     data = phantom_volumes(tmp_path / "data", size=48, slices=2)
     out = tmp_path / "run"
@@ -38,6 +40,7 @@ def test_two_process_gloo_training(tmp_path):
     assert event_files and len({Path(f).name.split(".")[-2] for f in event_files}) == 1
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_refuses_a_single_process(tmp_path):
     data = phantom_volumes(tmp_path / "data", patients=("A", "C"), size=32, slices=1)
     command = [

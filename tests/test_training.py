@@ -16,8 +16,9 @@ from training_helpers import (
 
 from ldct_clip import training as T
 from ldct_clip.cli.train import run_config
-from ldct_clip.data.datasets import make_val_dataset
-from ldct_clip.metrics import model_range_to_hu, psnr
+from ldct_clip.conventions import model_to_hu
+from ldct_clip.data.ct_dataset import make_val_dataset
+from ldct_clip.evaluation import psnr
 from ldct_clip.networks import load_model
 
 
@@ -64,8 +65,10 @@ def test_gradient_clip_on_trainable_parameters_only():
 
 
 def test_cosine_lr_reaches_eta_min_per_iteration():
+    # the CT recipe: the one schedule with nothing constant, a cosine from the first step
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
-    sched = T.cosine_scheduler(opt, iterations=100, eta_min=1e-6)
+    sched = T.constant_then_cosine(opt, iterations=100, constant_iterations=0, eta_min=1e-6)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
     lrs = []
     for _ in range(100):
         opt.step()
@@ -73,6 +76,7 @@ def test_cosine_lr_reaches_eta_min_per_iteration():
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[49] == pytest.approx((3e-4 + 1e-6) / 2, rel=1e-6)
     assert lrs[-1] == pytest.approx(1e-6, rel=1e-6)
+    assert max(abs(lr - T.constant_then_cosine_lr(i + 1, 3e-4, 100, 0)) for i, lr in enumerate(lrs)) < 1e-12
 
 
 def test_round_length():
@@ -104,11 +108,12 @@ def _noisy_psnr_and_model_psnr(model, val_ds):
             item = val_ds[i]
             noisy, clean = torch.as_tensor(item["image"])[None], torch.as_tensor(item["label"])[None]
             pred = inferer(noisy, model)
-            noisy_scores.append(psnr(model_range_to_hu(noisy), model_range_to_hu(clean)).item())
-            model_scores.append(psnr(model_range_to_hu(pred), model_range_to_hu(clean)).item())
+            noisy_scores.append(psnr(model_to_hu(noisy), model_to_hu(clean)).item())
+            model_scores.append(psnr(model_to_hu(pred), model_to_hu(clean)).item())
     return float(np.mean(noisy_scores)), float(np.mean(model_scores))
 
 
+@pytest.mark.slow
 def test_tiny_training_beats_the_noisy_input(volumes, tmp_path):
     out = tmp_path / "run"
     with one_thread():

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "benchmark",
     "simulate",
     "denoise",
+    "listen",
     "train",
     "evaluate",
     "robustness",
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # after parsing: --help and usage errors never pay for the import
+        from ldct_clip.io.staging import install_signal_handlers
+
+        install_signal_handlers()  # SIGTERM cleans up like Ctrl-C: no half output is left behind
         return int(args.func(args) or 0)
     except LdctClipError as error:
         print(f"ldct-clip {args.command}: error: {error}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """``ldct-clip benchmark``: our model and classical baselines on low-/normal-dose pairs, with a report.
 
-Argument checking and wiring only: the pairs come from ``ldct_clip.data.datasets.find_pairs`` (the layout
-``ldct-clip evaluate --pairs`` reads), the measurements from ``ldct_clip.benchmark``, the files from
-``ldct_clip.benchmark.write_benchmark_report``. The output folder appears complete or not at all.
+Argument checking and wiring only: the pairs come from ``find_pairs`` (the layout ``ldct-clip evaluate
+--pairs`` reads), the measurements from ``ldct_clip.apps.benchmark_report.run_benchmark``, the files from
+``write_benchmark_report``. The model is the bundle's shipped weights unless ``--weights`` names others.
+The output folder appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from ldct_clip.cli.overrides import add_set_option, parse_set_options
 from ldct_clip.errors import InputError, OutputError, WeightsError
 
-METHODS_HELP = "comma-separated: clip (our model, needs --weights), nlm, tv, bm3d (needs `pip install bm3d`)"
+METHODS_HELP = "comma-separated: clip (our model), nlm, tv, bm3d (needs `pip install bm3d`)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,12 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or one NIfTI each), {patient}_low.nii.gz + {patient}_full.nii.gz, or Mayo {patient}_{slice}_input|target.npy",
     )
     parser.add_argument("--methods", default="clip,nlm,tv", help=f"{METHODS_HELP} (default: clip,nlm,tv)")
-    parser.add_argument("--weights", type=Path, default=None, help="model checkpoint (.pt), needed for clip")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="model checkpoint (.pt) for clip; default: the CT bundle's shipped models/model.pt",
+    )
     parser.add_argument(
         "--protocol",
         default="paper",
         choices=("paper", "redcnn", "ldctbench"),
-        help="metric protocol of ldct_clip.metrics (default: paper)",
+        help="metric protocol of ldct_clip.evaluation (default: paper)",
     )
     parser.add_argument(
         "--anatomy",
@@ -63,25 +70,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        help="CT bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
+    )
+    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
+    from ldct_clip.apps.benchmark_report import parse_methods
     from ldct_clip.baselines import get_baseline
-    from ldct_clip.benchmark import parse_methods
-    from ldct_clip.io.atomic import check_output_path
+    from ldct_clip.io.staging import check_output_path
 
     methods = parse_methods(args.methods)
     for method in methods:
         if method != "clip":
             get_baseline(method, args.noise_estimator)  # bm3d without its package fails here, before any work
     if "clip" in methods:
-        if args.weights is None:
-            raise WeightsError(
-                "method clip needs the model: pass --weights FILE (from `ldct-clip train` or "
-                "`ldct-clip import-reference`), or leave clip out of --methods"
-            )
-        if not args.weights.is_file():
+        if args.weights is not None and not args.weights.is_file():
             raise WeightsError(f"weights file {args.weights} does not exist; check the path")
     elif args.weights is not None:
         print("ldct-clip benchmark: note: --weights is unused: clip is not among --methods", file=sys.stderr)
@@ -96,39 +104,29 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     return methods
 
 
-def _pairs(pairs: list[dict]):
-    from ldct_clip.data.datasets import load_pair_volumes
-
-    for pair in pairs:
-        low, full, oriented = load_pair_volumes(pair)
-        yield pair["patient"], low, full, oriented
-
-
 def run(args: argparse.Namespace) -> int:
-    from ldct_clip.benchmark import run_benchmark, write_benchmark_report
-    from ldct_clip.data.datasets import find_pairs
-    from ldct_clip.io.atomic import atomic_output
+    from ldct_clip.apps.benchmark_report import run_benchmark, write_benchmark_report
+    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, BundlePipeline
+    from ldct_clip.data.layouts import find_pairs
+    from ldct_clip.io.staging import staged_output
 
     methods = _check_args(args)
     pairs = find_pairs(args.pairs)
-    denoiser = None
+    denoise = None
     if "clip" in methods:
-        from ldct_clip.conventions import ORIENTATION
-        from ldct_clip.inference import denoise_volume, load_denoiser, resolve_device
-
-        device = resolve_device(args.device)
-        model = load_denoiser(args.weights, device=device)
-
-        def denoiser(volume, oriented: bool):
-            return denoise_volume(
-                volume, model, device=device, axcodes=None if oriented else ORIENTATION, progress=False
-            )
+        overrides = {"device": args.device, "progress": False, "inplace": False, "jobs": []}
+        if args.weights is not None:
+            overrides["ckpt_path"] = str(args.weights.expanduser().resolve())
+        overrides.update(parse_set_options(args.set))
+        pipeline = BundlePipeline(args.bundle or DEFAULT_CT_BUNDLE, overrides=overrides)
+        pipeline.load_weights()
+        denoise = pipeline.denoiser()
 
     result = run_benchmark(
-        _pairs(pairs),
+        pairs,
         methods,
         protocol=args.protocol,
-        denoiser=denoiser,
+        denoise=denoise,
         max_slices=args.max_slices,
         progress=not args.no_progress,
         n_patients=len(pairs),
@@ -136,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         anatomy=args.anatomy,
     )
     command = "ldct-clip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-    with atomic_output(args.output, overwrite=args.overwrite, is_dir=True) as staging:
+    with staged_output(args.output, overwrite=args.overwrite, is_dir=True) as staging:
         write_benchmark_report(result, staging, source=str(args.pairs), command=command)
     _print_table(result)
     print(f"report: {args.output / 'report.md'}")
@@ -146,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(result) -> None:
     import math
 
-    from ldct_clip.benchmark import LOW_DOSE, METHOD_LABELS
+    from ldct_clip.apps.benchmark_report import LOW_DOSE, METHOD_LABELS
 
     def cell(value: float, width: int, digits: int) -> str:
         return f"{value:>{width}.{digits}f}" if math.isfinite(value) else f"{'-':>{width}}"

@@ -1,22 +1,25 @@
-"""``ldct-clip denoise``: a CT series (or every series under a folder) in, its denoised twin out.
+"""``ldct-clip denoise``: a CT series (or every series under a folder, or images) in, its denoised twin out.
 
-The work is the bundle's pipeline, done by the same library pieces its ``inference.json`` uses: the
-network and weights from the bundle (``ldct_clip.inference.load_denoiser``), ``LoadCT`` ->
-``denoise_volume`` -> ``SaveCT``. Under ``torchrun --nproc_per_node N`` with ``--recursive``, rank r
-takes every N-th series.
+Argument checking and overrides only: the work is the bundle's ``inference.json`` run by
+:class:`ldct_clip.bundles.BundlePipeline`, one evaluator run per series. Everything that can be checked is
+checked before the weights are loaded: the input's headers, every output (layout, never inside the input,
+never over something ldct-clip did not write), and that each destination is writable with room for the
+result. Under ``torchrun --nproc_per_node N`` with ``--recursive``, rank r takes every N-th series.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from ldct_clip.errors import InputError, LdctClipError, WeightsError
-from ldct_clip.transforms.io import OUTPUT_FORMATS, check_outputs
+from ldct_clip.cli.overrides import add_set_option, parse_set_options
+from ldct_clip.errors import InputError, LdctClipError
 
+OUTPUT_FORMATS = ("auto", "dicom", "nifti", "both")
 WEIGHTS_HELP = (
     "trained weights come from `ldct-clip train` (your data) or `ldct-clip import-reference` (the authors' "
     "CLIPDenoising checkpoint); see the bundle's docs/README.md"
@@ -29,14 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="denoise a CT series or volume (DICOM in: derived DICOM series out; NIfTI in: NIfTI out)",
         description=(
             "Denoise a low-dose CT volume slice by slice with the CLIP-feature denoiser of the MONAI bundle "
-            "and write a derived DICOM series (same patient, study and frame of reference) and/or NIfTI."
+            "and write a derived DICOM series (same patient, study and frame of reference) and/or NIfTI. "
+            "With an image bundle (--bundle srgb_denoising or synthetic_denoising), denoise image files."
         ),
     )
-    parser.add_argument("input", type=Path, help="DICOM series folder or file, NIfTI, or other ITK volume")
+    parser.add_argument(
+        "input",
+        help="DICOM series folder or file, NIfTI, or other ITK volume; a DICOMweb series URL; or images",
+    )
     parser.add_argument(
         "output",
-        type=Path,
-        help="output folder (DICOM, both, or --recursive), or a .nii.gz file for --format nifti",
+        help="output folder (DICOM, both, or --recursive), a .nii.gz file for --format nifti, or a DICOMweb root",
     )
     parser.add_argument(
         "--bundle",
@@ -47,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--weights",
         type=Path,
         default=None,
-        help=f"model weights (.pt); default: the bundle's models/model.pt (the low-dose CT bundle ships demo weights); {WEIGHTS_HELP}",
+        help=f"model weights (.pt); default: the bundle's models/model.pt (the low-dose CT bundle ships demo "
+        f"weights); {WEIGHTS_HELP}",
     )
     parser.add_argument(
         "--format",
@@ -57,7 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
-        "--batch", type=int, default=None, help="slices per forward pass (default: 2 CPU, 16 GPU)"
+        "--batch",
+        type=int,
+        default=None,
+        help="slices per forward pass (default: 2 on a CPU, 16 on a GPU); reduced, with a note, to what fits "
+        "the memory budget (volume + 1.5 GB on a CPU, the free memory of a GPU)",
     )
     parser.add_argument(
         "--amp",
@@ -76,8 +87,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="denoise every CT series under INPUT, each into its own folder",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--include-derived",
+        action="store_true",
+        help="also read series that ldct-clip itself denoised (left out by default, so that a folder of "
+        "inputs and outputs is not denoised twice)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs that ldct-clip wrote (checked against their manifest; anything else "
+        "is never replaced)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pacs = parser.add_argument_group(
+        "DICOMweb (INPUT a series URL .../studies/UID/series/UID, or a study URL with --recursive; OUTPUT a "
+        "DICOMweb root: the derived series is stored in the same study)"
+    )
+    pacs.add_argument(
+        "--auth-file",
+        type=Path,
+        default=None,
+        help="file with one USER:PASSWORD line for HTTP basic auth (default: LDCT_CLIP_DICOMWEB_USER/_PASSWORD)",
+    )
+    pacs.add_argument("--token", default=None, help="bearer token (default: LDCT_CLIP_DICOMWEB_TOKEN)")
+    pacs.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    pacs.add_argument("--ca-bundle", type=Path, default=None, help="CA certificates (PEM) to verify TLS with")
+    pacs.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the server per request (default: 30)"
+    )
+    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -86,109 +125,177 @@ def _distributed() -> tuple[int, int]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not args.input.exists():
-        raise InputError(f"input {args.input} does not exist")
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be >= 1")
     if args.recursive and args.series_uid:
         raise InputError("--series-uid and --recursive exclude each other: drop one")
-    if args.recursive:
-        from ldct_clip.io import check_output_path
-
-        # outputs inside the searched tree would be found as inputs by the next run
-        check_output_path(args.input, args.output, overwrite=True)
-
-
-def _jobs(args: argparse.Namespace) -> list[tuple[Path, str | None, Path]]:
-    """(input, series UID, output) of every series to denoise."""
-    if not args.recursive:
-        return [(args.input, args.series_uid, args.output)]
-    from ldct_clip.io import find_ct_series
-
-    root = args.input
-    # the same order on every rank: rank r takes jobs r, r + N, ...
-    series = sorted(find_ct_series(root), key=lambda s: (str(s.path), s.uid))
-    if not series:
-        raise InputError(
-            f"no CT series found under {root}: check the folder, or drop --recursive for a single file"
-        )
-    per_folder: dict[Path, int] = {}
-    for s in series:
-        per_folder[Path(s.path)] = per_folder.get(Path(s.path), 0) + 1
-    jobs = []
-    for s in series:
-        folder = Path(s.path)
-        relative = folder.relative_to(root) if folder != root and folder.is_relative_to(root) else Path()
-        out = args.output / relative
-        if per_folder[folder] > 1:
-            out = out / s.uid
-        jobs.append((folder, s.uid, out))
-    return jobs
+    if args.timeout <= 0:
+        raise InputError(f"--timeout {args.timeout} must be positive")
+    if not _is_url(args.input) and not Path(args.input).expanduser().exists():
+        raise InputError(f"input {args.input} does not exist; check the path")
+    if _is_url(args.output) and args.format not in ("auto", "dicom"):
+        raise InputError(f"--format {args.format}: a DICOMweb destination stores DICOM only; drop --format")
+    if args.weights is not None and not args.weights.is_file():
+        raise InputError(f"weights file {args.weights} does not exist; {WEIGHTS_HELP}")
 
 
-def _denoise_one(source: Path, series_uid: str | None, output: Path, model, args: argparse.Namespace) -> None:
-    from ldct_clip.inference import denoise_volume
-    from ldct_clip.transforms.io import LoadCT, SaveCT
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {
+        "device": args.device,
+        "amp": args.amp,
+        "batch_size": args.batch,
+        "progress": not args.no_progress,
+        "overwrite": args.overwrite,
+        "command": shlex.join(["ldct-clip", *sys.argv[1:]]),
+        "input": args.input,
+        "output_dir": args.output,
+        "jobs": [],  # planned here: one evaluator run per series (per image folder)
+    }
+    if args.weights is not None:
+        values["ckpt_path"] = str(args.weights.expanduser().resolve())
+    values.update(parse_set_options(args.set))
+    return values
 
-    volume = LoadCT(series_uid=series_uid)(source)
-    # Every target is checked before the (long) denoising: a refusal costs nothing and writes nothing.
-    check_outputs(source, output, args.format, str(volume.meta.get("source_kind", "")), args.overwrite)
-    n_slices = int(volume.shape[-1])
+
+def _denoise_ct(pipeline, job: dict) -> str:
     start = time.perf_counter()
-    denoised = denoise_volume(
-        volume,
-        model,
-        device=args.device,
-        batch_size=args.batch,
-        amp=args.amp,
-        inplace=True,  # the noisy volume is not needed afterwards: hold one volume, not two
-        progress=not args.no_progress,
-    )
+    output = pipeline.run([job])
     seconds = time.perf_counter() - start
-    SaveCT(output, output_format=args.format, overwrite=args.overwrite)(denoised)
-    where = ", ".join(denoised.meta["saved_to"].values())
-    print(
-        f"denoised {n_slices} slices in {seconds:.1f} s ({n_slices / max(seconds, 1e-9):.2f} slices/s) -> {where}"
+    pred = output["pred"]
+    n_slices = int(pred.shape[-1])
+    where = ", ".join(pred.meta["saved_to"].values())
+    return f"denoised {n_slices} slices in {seconds:.1f} s ({n_slices / max(seconds, 1e-9):.2f} slices/s) -> {where}"
+
+
+def _denoise_images(pipeline, jobs: list[dict], output: str) -> str:
+    """One evaluator run over every image: its output folder is published whole when the run completes."""
+    from PIL import Image
+
+    start = time.perf_counter()
+    pipeline.run(jobs)
+    seconds = time.perf_counter() - start
+    pixels = 0
+    for job in jobs:
+        with Image.open(job["image"]) as image:  # the header only: the size
+            pixels += image.width * image.height
+    n, megapixels = len(jobs), pixels / 1e6
+    where = jobs[0]["output"] if n == 1 else output
+    return (
+        f"denoised {n} image{'s' if n != 1 else ''} ({megapixels:.2f} MP) in {seconds:.1f} s "
+        f"({megapixels / max(seconds, 1e-9):.2f} MP/s) -> {where}"
+    )
+
+
+def _is_url(text: str) -> bool:
+    return str(text).lower().startswith(("http://", "https://"))
+
+
+class _DicomWeb:
+    """The DICOMweb side of a run: the series URLs it reads and the root it stores the derived series into."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ldct_clip.io import dicomweb
+
+        self.api = dicomweb
+        self.timeout = args.timeout
+        self.auth = dicomweb.parse_auth(
+            args.auth_file, args.token, insecure=args.insecure, ca_bundle=args.ca_bundle
+        )
+        self.source = args.input if _is_url(args.input) else None
+        self.sink = args.output if _is_url(args.output) else None
+        if self.sink:  # a wrong or refusing destination is found before anything is fetched or computed
+            self.api.check_store_target(self.sink, self.auth, timeout=self.timeout)
+
+    def series_urls(self, recursive: bool) -> list[str]:
+        if not recursive:
+            return [self.source]
+        return self.api.list_ct_series(self.source, self.auth, timeout=self.timeout)
+
+    def fetch(self, url: str, folder: Path) -> Path:
+        return self.api.fetch_series(url, folder, self.auth, timeout=self.timeout)
+
+    def store(self, folder: str) -> str:
+        return str(self.api.store_series(Path(folder), self.sink, self.auth, timeout=self.timeout))
+
+
+def _ct_work(pipeline, args: argparse.Namespace, web: _DicomWeb | None, scratch: Path):
+    """``(label, job)`` for every series, in the same order on every rank; a job is a dict, or a callable
+    making it (a series fetched from DICOMweb only when its turn comes)."""
+    sink = web is not None and web.sink is not None
+    if web is not None and web.source is not None:
+        for i, url in enumerate(web.series_urls(args.recursive)):
+
+            def fetch_and_plan(url=url, i=i) -> dict:
+                work = scratch / f"series{i}"
+                source = web.fetch(url, work / "source")
+                output = work / "derived" if sink else Path(args.output)
+                if args.recursive and not sink:
+                    output = output / url.rstrip("/").rsplit("/", 1)[-1]
+                return _plan_ct(source, output, args, "dicom" if sink else args.format, recursive=False)[0]
+
+            yield url, fetch_and_plan
+        return
+    output = scratch / "derived" if sink else Path(args.output)
+    for job in _plan_ct(args.input, output, args, "dicom" if sink else args.format, args.recursive):
+        yield job["source"], job
+
+
+def _plan_ct(source, output, args: argparse.Namespace, output_format: str, recursive: bool) -> list[dict]:
+    from ldct_clip.io.jobs import plan_ct_jobs
+
+    return plan_ct_jobs(
+        source,
+        output,
+        output_format=output_format,
+        series_uid=args.series_uid,
+        recursive=recursive,
+        include_derived=args.include_derived,
+        overwrite=args.overwrite,
+        errors="collect",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, resolve_bundle
-    from ldct_clip.inference import limit_heap_fragmentation, load_denoiser, resolve_device
+    import tempfile
+
+    from ldct_clip.bundles import DEFAULT_CT_BUNDLE, BundlePipeline
+    from ldct_clip.inference import limit_heap_fragmentation
+    from ldct_clip.io.jobs import plan_image_jobs
 
     limit_heap_fragmentation()
     _check_args(args)
-    bundle = resolve_bundle(args.bundle or DEFAULT_CT_BUNDLE)
-    args.weights = _weights(args.weights, bundle)
-    from ldct_clip.image_denoising import bundle_task
-
-    if bundle_task(bundle) != "ct":  # sRGB / synthetic-noise bundles: image files in and out
-        from ldct_clip.cli.denoise_images import run_images
-
-        return run_images(args, bundle)
+    pipeline = BundlePipeline(args.bundle or DEFAULT_CT_BUNDLE, overrides=_overrides(args))
+    web = _DicomWeb(args) if _is_url(args.input) or _is_url(args.output) else None
+    if pipeline.task != "ct":
+        _refuse_ct_options(pipeline, args, web)
+        jobs = plan_image_jobs(args.input, args.output, overwrite=args.overwrite)
+        pipeline.load_weights()  # read once, after every check
+        print(_denoise_images(pipeline, jobs, args.output))
+        return 0
     rank, world = _distributed()
-    device = resolve_device(args.device)
-    if device.type == "cuda" and world > 1 and device.index is None:
-        device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % _cuda_count()}")
-    args.device = device
-
     group = _init_group(world)
     failures = 0
     try:
-        jobs = _jobs(args)
-        mine = jobs[rank::world] if args.recursive else (jobs if rank == 0 else [])
-        if mine:
-            from ldct_clip.bundles import bundle_network_def
-
-            model = load_denoiser(args.weights, network_def=lambda: bundle_network_def(bundle), device=device)
-        for source, series_uid, output in mine:
-            try:
-                _denoise_one(source, series_uid, output, model, args)
-            except LdctClipError as error:
-                if not args.recursive:
-                    raise
-                failures += 1
-                print(f"ldct-clip denoise: error: {source}: {error}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="ldct-clip-") as scratch:
+            work = list(_ct_work(pipeline, args, web, Path(scratch)))
+            skipped = next((job.get("skipped") for _, job in work if isinstance(job, dict)), "")
+            if skipped:
+                print(f"ldct-clip denoise: {skipped}", file=sys.stderr)
+            pipeline.load_weights()  # read once, after every check
+            mine = work[rank::world] if args.recursive else (work if rank == 0 else [])
+            for label, job in mine:
+                try:
+                    job = job() if callable(job) else job
+                    if "error" in job:
+                        raise InputError(job["error"])
+                    print(_denoise_ct(pipeline, job))
+                    if web is not None and web.sink:
+                        print(web.store(job["output"]))
+                except LdctClipError as error:
+                    if not args.recursive:
+                        raise
+                    failures += 1
+                    print(f"ldct-clip denoise: error: {label}: {error}", file=sys.stderr)
     finally:
         failures = _finish_group(group, failures)
     if failures:
@@ -197,21 +304,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(weights: Path | None, bundle: Path) -> Path:
-    """The given weights file, else the bundle's ``models/model.pt`` (sha256-checked when shipped)."""
-    if weights is None:
-        from ldct_clip.bundles import bundle_weights
-
-        return bundle_weights(bundle, hint=f"pass --weights FILE; {WEIGHTS_HELP}")
-    if not weights.is_file():
-        raise WeightsError(f"weights file {weights} does not exist; {WEIGHTS_HELP}")
-    return weights
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return max(torch.cuda.device_count(), 1)
+def _refuse_ct_options(pipeline, args: argparse.Namespace, web) -> None:
+    unsupported = [
+        flag
+        for flag, used in (
+            ("--recursive", args.recursive),
+            ("--series-uid", args.series_uid),
+            ("--format", args.format != "auto"),
+            ("a DICOMweb URL", web is not None),
+        )
+        if used
+    ]
+    if unsupported:
+        raise InputError(
+            f"{', '.join(unsupported)} apply to CT series only; the image bundle {pipeline.root.name} takes an "
+            "image file or a folder of images and writes each at its own format and bit depth"
+        )
 
 
 def _init_group(world: int):

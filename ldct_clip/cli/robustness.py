@@ -1,7 +1,7 @@
 """``ldct-clip robustness``: score an image bundle's denoiser on a suite of unseen noises.
 
-Thin layer over :mod:`ldct_clip.robustness` (the reference's synthetic test protocol) and
-:mod:`ldct_clip.image_denoising` (the bundle's network and weights).
+Thin layer over :mod:`ldct_clip.apps.robustness_report` (the reference's synthetic test protocol) and
+the bundle's pipeline (:class:`ldct_clip.bundles.BundlePipeline`: its network, weights and padding).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ldct_clip.cli.overrides import add_set_option, parse_set_options
 from ldct_clip.errors import InputError, WeightsError
 
 WEIGHTS_HELP = (
@@ -64,27 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-images", type=int, default=None, help="use the first N images only")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldct_clip.image_denoising import (
-        IMAGE_TASKS,
-        ImageDenoiser,
-        bundle_metadata,
-        bundle_task,
-        load_image_denoiser,
-    )
-    from ldct_clip.io import check_output_path
+    from ldct_clip.apps.robustness_report import evaluate_robustness, write_robustness_report
+    from ldct_clip.bundles import BundlePipeline
     from ldct_clip.io.images import list_images
-    from ldct_clip.robustness import evaluate_robustness, write_robustness_report
+    from ldct_clip.io.staging import check_output_path
     from ldct_clip.transforms.noise import load_noise_suites
 
-    task = bundle_task(args.bundle)
-    if task not in IMAGE_TASKS:
-        raise InputError(
-            f"bundle {args.bundle} denoises {task.upper()} data, not images: use --bundle synthetic_denoising or srgb_denoising"
-        )
     if args.max_images is not None and args.max_images < 1:
         raise InputError(f"--max-images {args.max_images} must be >= 1")
     suites = load_noise_suites(args.suites_file)
@@ -92,23 +83,36 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown noise suite {args.suite!r}; choose one of {', '.join(suites)}")
     if not args.weights.is_file():
         raise WeightsError(f"weights file {args.weights} does not exist; {WEIGHTS_HELP}")
+    overrides = {
+        "ckpt_path": str(args.weights.expanduser().resolve()),
+        "device": args.device,
+        "amp": "fp32",  # the reference protocol's numbers
+        "progress": False,
+        "jobs": [],
+        **parse_set_options(args.set),
+    }
+    pipeline = BundlePipeline(args.bundle, overrides=overrides)
+    if pipeline.task == "ct":
+        raise InputError(
+            f"bundle {args.bundle} denoises CT, not images: use --bundle synthetic_denoising or srgb_denoising"
+        )
     images = list_images(args.images)[: args.max_images]
     # refuse before the (long) evaluation, not after it
     check_output_path(args.images, args.output, args.overwrite)
-
-    metadata = bundle_metadata(args.bundle)
-    protocol = args.protocol or metadata.get("metric_protocol", IMAGE_TASKS[task])
+    metadata = pipeline.metadata
+    protocol = args.protocol or metadata.get("metric_protocol", pipeline.task)
     channels = int(metadata["network_data_format"]["inputs"]["image"]["num_channels"])
-    model = load_image_denoiser(args.weights, args.bundle, device=args.device)
-    denoiser = ImageDenoiser(model, device=args.device, channels=channels, amp="fp32")
+    pipeline.load_weights()
+    denoise = pipeline.denoiser()
 
     start = time.perf_counter()
     rows = evaluate_robustness(
-        denoiser.predict_batch,
+        lambda batch: denoise(batch[0])[None],  # the pipeline pads to a multiple of 32 and crops back itself
         images,
         suites[args.suite],
         protocol=protocol,
         channels=channels,
+        multiple=1,
         progress=not args.no_progress,
     )
     title = f"Robustness to unseen noise: {metadata.get('name', args.bundle)}, suite {args.suite!r}"

@@ -1,8 +1,9 @@
 """``ldct-clip simulate``: a normal-dose CT series or volume in, a simulated lower-dose twin out.
 
 Projection-domain noise insertion (``ldct_clip.simulation``); the outputs are laid out like those of
-``ldct-clip denoise`` (``ldct_clip.transforms.io.plan_outputs``): a derived DICOM series for a DICOM
-input, NIfTI otherwise, or both.
+``ldct-clip denoise`` (``ldct_clip.io.jobs.plan_outputs``): a derived DICOM series for a DICOM input,
+NIfTI otherwise, or both in one folder; each staged, published whole with its manifest, and checked
+(writable, enough space, replaceable) before the simulation starts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from ldct_clip.simulation import (
     DEFAULT_N_VIEWS,
     DEFAULT_PHOTONS,
     FILTERS,
-    REFERENCE_THICKNESS,
 )
 
 #: File name of the NIfTI output when the output path is a folder.
@@ -131,32 +131,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _targets(args: argparse.Namespace, source_kind: str) -> dict[str, Path]:
-    from ldct_clip.transforms.io import NIFTI_NAME as DENOISE_NIFTI_NAME
-    from ldct_clip.transforms.io import plan_outputs
+    from ldct_clip.io.jobs import NIFTI_NAME as DENOISE_NIFTI_NAME
+    from ldct_clip.io.jobs import plan_outputs
 
     targets = plan_outputs(args.output, args.format, source_kind)
     if "nifti" in targets and targets["nifti"].name == DENOISE_NIFTI_NAME and targets["nifti"] != args.output:
         targets["nifti"] = targets["nifti"].with_name(NIFTI_NAME)
     return targets
-
-
-def _slice_thickness(volume) -> float:
-    """The DICOM SliceThickness of the source series, else the spacing between slices."""
-    meta = getattr(volume, "meta", {})
-    if meta.get("source_kind") == "dicom":
-        from ldct_clip.io.dicom_series import select_series
-
-        try:
-            series = select_series(meta["source_path"], meta.get("series_uid") or None, allow_non_ct=True)
-            thickness = float(series.headers[0].dataset.get("SliceThickness") or 0)
-        except (InputError, TypeError, ValueError):
-            thickness = 0.0
-        if thickness > 0:
-            return thickness
-    pixdim = getattr(volume, "pixdim", None)
-    if pixdim is not None and len(pixdim) > 2 and float(pixdim[2]) > 0:
-        return float(pixdim[2])
-    return REFERENCE_THICKNESS
 
 
 def _photons(args: argparse.Namespace, volume, spacing: float, thickness: float) -> float:
@@ -182,20 +163,49 @@ def _photons(args: argparse.Namespace, volume, spacing: float, thickness: float)
     )
 
 
+def _needed_bytes(targets: dict[str, Path], volume) -> dict[str, int]:
+    from ldct_clip.io.preflight import dicom_series_bytes, nifti_bytes
+
+    columns, rows, slices = (int(n) for n in volume.shape[-3:])
+    sizes = {
+        "dicom": dicom_series_bytes(slices, rows, columns),
+        "nifti": nifti_bytes((columns, rows, slices)),
+    }
+    return {kind: sizes[kind] for kind in targets}
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ldct_clip.io import check_output_path, load_ct, save_dicom_series, save_nifti
-    from ldct_clip.simulation import simulate_low_dose
+    from ldct_clip.io import Provenance, install_signal_handlers, load_ct, save_dicom_series, save_nifti
+    from ldct_clip.io.dicom_series import select_series
+    from ldct_clip.io.load import sniff_format
+    from ldct_clip.io.manifest import default_command
+    from ldct_clip.io.preflight import check_output, check_readable
+    from ldct_clip.io.staging import staged_output
+    from ldct_clip.simulation import simulate_low_dose, slice_thickness
 
+    install_signal_handlers()  # SIGTERM cleans up like Ctrl-C
     _check_args(args)
-    volume = load_ct(args.input, series_uid=args.series_uid)
+    check_readable(args.input)
+    # Each DICOM header is read once: the series found here is what is loaded and what the output derives from.
+    series = None
+    if sniff_format(args.input) == "dicom":
+        # a folder holding only series ldct-clip denoised is read as given (simulate has no --include-derived)
+        series = select_series(args.input, args.series_uid, include_derived=None)
+    volume = load_ct(series if series is not None else args.input, series_uid=args.series_uid)
+    if volume.meta.get("skipped"):
+        print(f"{args.input}: {volume.meta['skipped']}")
     targets = _targets(args, str(volume.meta.get("source_kind", "")))
+    needed = _needed_bytes(targets, volume)
     # Every target is checked before the (long) simulation: a refusal costs nothing and writes nothing.
-    for target in targets.values():
-        check_output_path(args.input, target, args.overwrite)
+    if len(targets) > 1:  # both formats: one folder, written as a whole
+        check_output(args.input, args.output, args.overwrite, sum(needed.values()), is_dir=True)
+    else:
+        for kind, target in targets.items():
+            check_output(args.input, target, args.overwrite, needed[kind], is_dir=kind == "dicom")
     spacing = float(np.mean(np.asarray(volume.pixdim[:2], dtype=np.float64)))
-    thickness = args.slice_thickness or _slice_thickness(volume)
+    thickness = args.slice_thickness or slice_thickness(volume, series)
     photons = _photons(args, volume, spacing, thickness)
 
     start = time.perf_counter()
@@ -214,21 +224,28 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
 
-    if "dicom" in targets:
-        save_dicom_series(
-            low,
-            volume.meta["source_path"],
-            targets["dicom"],
-            overwrite=args.overwrite,
-            description_suffix=f" [simulated {args.dose:g} dose]",
-            derivation=(
-                f"Simulated {args.dose:g} dose (projection-domain noise insertion, {photons:.3g} photons, "
-                f"seed {args.seed}) by ldct-clip {ldct_clip.__version__} simulate"
-            ),
-        )
-    if "nifti" in targets:
-        targets["nifti"].parent.mkdir(parents=True, exist_ok=True)
-        save_nifti(low, targets["nifti"], overwrite=args.overwrite)
+    command = default_command()
+    provenance = Provenance(task=f"simulated {args.dose:g} dose", command=command)
+    derivation = (
+        f"Simulated {args.dose:g} dose (projection-domain noise insertion, {photons:.3g} photons, "
+        f"seed {args.seed}) by ldct-clip {ldct_clip.__version__} simulate"
+    )
+
+    def write(dicom: Path | None, nifti: Path | None, overwrite: bool) -> None:
+        if dicom is not None:
+            save_dicom_series(
+                low, series, dicom, overwrite=overwrite, derivation=derivation, provenance=provenance
+            )
+        if nifti is not None:
+            save_nifti(low, nifti, overwrite=overwrite, provenance=provenance)
+
+    if len(targets) > 1:
+        with staged_output(
+            args.output, overwrite=args.overwrite, is_dir=True, provenance=provenance, command=command
+        ) as folder:
+            write(folder / targets["dicom"].name, folder / targets["nifti"].name, False)
+    else:
+        write(targets.get("dicom"), targets.get("nifti"), args.overwrite)
     n_slices = int(volume.shape[-1])
     where = ", ".join(str(path) for path in targets.values())
     print(

@@ -1,9 +1,9 @@
 """``ldct-clip train``: train the denoiser with a MONAI bundle's train config.
 
-The command is a thin layer over the bundle: it reads the config files with ``monai.bundle.ConfigParser``,
-turns its options into config overrides, and runs the config's ``initialize``, ``run`` and ``finalize``
-sections, exactly what ``python -m monai.bundle run --config_file ...`` does. So a CLI run and a bundle
-run are one code path, and every config key can also be set with ``--set key=value``.
+The command is a thin layer over the bundle: MONAI's ``ConfigWorkflow`` reads the config files, the
+command's options are its config overrides, and it runs the config's ``initialize``, ``run`` and
+``finalize`` sections, exactly what ``python -m monai.bundle run --config_file ...`` does. So a CLI run and
+a bundle run are one code path, and every config key can also be set with ``--set key=value``.
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m ldct_clip train --config train.json --config
 multi_gpu_train.json ...``.
@@ -12,12 +12,15 @@ multi_gpu_train.json ...``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ldct_clip.errors import InputError, LdctClipError, OutputError
+from ldct_clip.cli.overrides import add_set_option, parse_set_options
+from ldct_clip.errors import InputError, OutputError
 
 DEFAULT_ITERATIONS = 40000
+#: ``--noise`` choices: the config components ``{name}_noise`` (``train`` and ``val`` transforms) of the CT
+#: bundle's train config.
+NOISE_CHOICES = ("gaussian", "simulated")
 
 
 def register(subparsers) -> None:
@@ -57,7 +60,7 @@ def register(subparsers) -> None:
     parser.add_argument("--crop", type=int, metavar="N", help="training crop size (default 128)")
     parser.add_argument(
         "--noise",
-        choices=["gaussian", "simulated"],
+        choices=NOISE_CHOICES,
         help="training noise: 'gaussian' (the paper, sigma --noise-sigma; default) or 'simulated' "
         "(precomputed realisations of `ldct-clip simulate`'s low-dose noise per training volume, cached; "
         "NIfTI/DICOM volumes only)",
@@ -91,28 +94,19 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="write into an output folder that holds a model"
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config override; VALUE is JSON (e.g. --set learning_rate=1e-4)",
-    )
+    add_set_option(parser)
     # small networks for tests and smoke runs; not part of the documented interface
     parser.add_argument("--layers", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
-def _json_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def build_overrides(args: argparse.Namespace) -> dict:
-    """Config overrides from the command line options."""
+    """Config overrides from the command line options.
+
+    Raises:
+        InputError: an option out of range, a missing data folder or checkpoint.
+    """
     overrides: dict = {}
     if args.data is not None:
         data = Path(args.data).expanduser()
@@ -149,15 +143,16 @@ def build_overrides(args: argparse.Namespace) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} must be positive, got {value}")
             overrides[key] = value
     if args.noise is not None:
-        overrides["noise"] = args.noise
+        overrides["train_noise"] = f"@{args.noise}_noise#train"
+        overrides["val_noise"] = f"@{args.noise}_noise#val"
     if args.noise_dose is not None:
         if not 0 < args.noise_dose <= 1:
             raise InputError(f"--noise-dose must be a dose fraction in (0, 1], got {args.noise_dose}")
-        overrides["noise_dose"] = args.noise_dose
+        overrides["simulation#dose"] = args.noise_dose
     if args.noise_realizations is not None:
         if args.noise_realizations < 1:
             raise InputError(f"--noise-realizations must be at least 1, got {args.noise_realizations}")
-        overrides["noise_realizations"] = args.noise_realizations
+        overrides["simulation#realizations"] = args.noise_realizations
     if args.noise_sigma is not None:
         if args.noise_sigma <= 0:
             raise InputError(f"--noise-sigma must be positive, got {args.noise_sigma}")
@@ -174,48 +169,53 @@ def build_overrides(args: argparse.Namespace) -> dict:
             raise InputError(
                 f"--layers {args.layers!r} must be comma-separated integers, e.g. 3,4,6,3"
             ) from None
-    for item in args.set:
-        if "=" not in item:
-            raise InputError(f"--set {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _json_value(value)
+    overrides.update(parse_set_options(args.set))
     return overrides
 
 
-def _user_error(error: BaseException) -> LdctClipError | None:
-    # the config parser wraps what our code raised ("Failed to instantiate ..."): find the user's error
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, LdctClipError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def config_workflow(config_files: list[str], overrides: dict, workflow_type: str | None = "train"):
+    """MONAI's ``ConfigWorkflow`` over ``config_files`` with ``overrides``, as ``monai.bundle run`` makes it:
+    the bundle's ``metadata.json`` and ``logging.conf`` are those next to the first config file, when there.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    folder = Path(config_files[0]).parent
+    meta, logging_conf = folder / "metadata.json", folder / "logging.conf"
+    return ConfigWorkflow(
+        config_file=[str(f) for f in config_files],
+        meta_file=str(meta) if meta.is_file() else [],  # [] reads no metadata without logging an error
+        logging_file=str(logging_conf) if logging_conf.is_file() else False,
+        workflow_type=workflow_type,
+        **overrides,
+    )
 
 
-def run_config(config_files: list[str], overrides: dict) -> None:
-    """Run a bundle config's ``initialize``, ``run`` and ``finalize`` sections with ``overrides``.
+def run_config(config_files: list[str], overrides: dict, workflow=None) -> None:
+    """Run a bundle config's ``initialize``, ``run`` and ``finalize`` sections with ``overrides``
+    (``finalize`` also after a failure, so a distributed run leaves its process group).
+
+    Args:
+        config_files: config files, later ones override earlier ones.
+        overrides: config ids and their values.
+        workflow: a :func:`config_workflow` of the same files and overrides, if already made.
 
     Raises:
-        LdctClipError: the user-fixable error behind a config failure, unwrapped.
+        LdctClipError: the user-fixable error behind a config failure, unwrapped from MONAI's
+            "Failed to instantiate" chain.
     """
-    from monai.bundle import ConfigParser
+    from ldct_clip.bundles.errors import user_error
 
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    parser.update(overrides)
+    workflow = workflow if workflow is not None else config_workflow(config_files, overrides)
     try:
-        for section in ("initialize", "run"):
-            if section in parser:
-                parser.get_parsed_content(section, lazy=True)
+        workflow.initialize()
+        workflow.run()
     except Exception as error:
-        user = _user_error(error)
+        user = user_error(error)
         if user is not None:
             raise user from None
         raise
     finally:
-        if "finalize" in parser:
-            parser.get_parsed_content("finalize", lazy=True)
+        workflow.finalize()
 
 
 def default_config() -> str:
@@ -224,29 +224,24 @@ def default_config() -> str:
     return str(resolve_bundle(DEFAULT_CT_BUNDLE) / "configs" / "train.json")
 
 
-def _output_dir(configs: list[str], overrides: dict) -> Path:
-    from monai.bundle import ConfigParser
-
-    if overrides.get("output_dir"):
-        return Path(overrides["output_dir"])
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(overrides)
-    return Path(parser.get_parsed_content("output_dir"))
-
-
 def run(args: argparse.Namespace) -> int:
     configs = args.config or [default_config()]
     for config in configs:
         if not Path(config).is_file():
             raise InputError(f"config file {config!r} does not exist: give a bundle's configs/train.json")
     overrides = build_overrides(args)
-    output = _output_dir(configs, overrides)
+    workflow = config_workflow(configs, overrides)
+    if args.noise is not None and f"{args.noise}_noise" not in workflow.parser:
+        raise InputError(
+            f"--noise {args.noise}: the config has no {args.noise}_noise component (the CT bundle's "
+            "train.json has them); set the config's train_noise and val_noise instead"
+        )
+    output = Path(workflow.parser.get_parsed_content("output_dir"))
     if args.resume is None and not args.overwrite and (output / "model.pt").exists():
         raise OutputError(
             f"{output} already holds a trained model.pt: choose another --output, add --overwrite, "
             "or continue it with --resume"
         )
-    run_config(configs, overrides)
+    run_config(configs, overrides, workflow)
     print(f"trained model: {output / 'model.pt'} (checkpoints and TensorBoard logs in {output})")
     return 0

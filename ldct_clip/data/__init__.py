@@ -1,11 +1,8 @@
-"""Data: datasets and the synthetic phantom."""
+"""Data: CT layouts on disk, slice and noise caches, the CT and RGB datasets, the training stream, phantoms.
 
-from ldct_clip.data.datasets import CTSliceDataset as CTSliceDataset
-from ldct_clip.data.datasets import PairedSliceDataset as PairedSliceDataset
-from ldct_clip.data.datasets import StreamDataset as StreamDataset
-from ldct_clip.data.datasets import StreamSampler as StreamSampler
-from ldct_clip.data.datasets import find_pairs as find_pairs
-from ldct_clip.data.datasets import find_volumes as find_volumes
-from ldct_clip.data.datasets import make_train_dataset as make_train_dataset
-from ldct_clip.data.datasets import make_val_dataset as make_val_dataset
-from ldct_clip.data.datasets import split_patients as split_patients
+Modules: ``layouts`` (finding slices, volumes and pairs; the patient split), ``caches`` (decoded slices and
+simulated noise on disk), ``ct_dataset`` (CT training stream and validation pairs), ``images`` (the RGB
+tasks' datasets), ``stream`` (the seeded training stream and its sampler), ``phantom`` (synthetic CT).
+Import from the modules: this package imports none of them, so ``ldct_clip.simulation`` can use the
+phantoms while the caches use the simulation.
+"""

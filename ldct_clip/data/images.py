@@ -8,9 +8,9 @@ Two layouts (``is_paired_folder`` tells them apart):
 - BasicSR's paired folders ``ROOT/noisy/NAME`` and ``ROOT/clean/NAME`` (``data_prep/make_srgb_pairs.py``
   writes them; SIDD-style test sets can be arranged so), paired by file name: the noisy image is read.
 
-The training stream is the CT task's: :class:`ldct_clip.data.datasets.StreamDataset` over the clean (or
+The training stream is the CT task's: :class:`ldct_clip.data.stream.StreamDataset` over the clean (or
 paired) images with per-item seeded crops, flips/rotations and noise, sampled by
-:class:`~ldct_clip.data.datasets.StreamSampler`, so resuming and multi-GPU sharding work the same way.
+:class:`~ldct_clip.data.stream.StreamSampler`, so resuming and multi-GPU sharding work the same way.
 Images are decoded per item (``ldct_clip.io.images.load_image``): the paper's training sets (CBSD432,
 DIV2K crops) hold thousands of images, too many to keep decoded in memory.
 """
@@ -25,7 +25,7 @@ import torch
 from monai.transforms import Compose, CopyItemsd, EnsureTyped, RandSpatialCropd, SpatialPadd
 from torch.utils.data import Dataset
 
-from ldct_clip.data.datasets import StreamDataset
+from ldct_clip.data.stream import StreamDataset
 from ldct_clip.errors import InputError
 from ldct_clip.io.images import list_images, load_image
 from ldct_clip.transforms.augment import RandDihedrald

@@ -232,6 +232,7 @@ def write_phantom_dicom(
     pixel_representation: int = 1,
     overwrite: bool = False,
     volume: MetaTensor | None = None,
+    manifest: bool = True,
     **tags,
 ) -> Path:
     """Write a phantom as a valid classic CT Image Storage series, one file per slice.
@@ -239,7 +240,8 @@ def write_phantom_dicom(
     Stored values are ``HU + 1024`` (RescaleIntercept -1024, RescaleSlope 1), as most scanners store them.
 
     Args:
-        output_dir: folder to create (written atomically; refused if it exists unless ``overwrite``).
+        output_dir: folder to create (staged and published whole with ``ldct-clip-manifest.json``; refused
+            if it exists unless ``overwrite`` and it is an unchanged ldct-clip output).
         size, slices, seed, spacing, fov_padding: see :func:`make_phantom`.
         transfer_syntax: any syntax pydicom can write here: Explicit/Implicit VR Little Endian, Deflated
             Explicit VR Little Endian, RLE Lossless, JPEG 2000 Lossless (pylibjpeg-openjpeg).
@@ -250,12 +252,14 @@ def write_phantom_dicom(
             orientation, e.g. from :func:`make_phantom`) instead of generating one.
         tags: DICOM keywords to set on every slice (e.g. ``PatientName="X"``, ``SeriesDescription="Y"``);
             a value of ``None`` deletes the element (used to build invalid test inputs).
+        manifest: write the manifest (False: the folder holds the DICOM files only, like a scanner export).
 
     Returns:
         the output folder.
     """
-    from ldct_clip.io.atomic import atomic_output
     from ldct_clip.io.dicom_writer import encode_pixels, write_dataset
+    from ldct_clip.io.provenance import Provenance
+    from ldct_clip.io.staging import fault_point, staged_output
 
     vol = make_phantom(size, slices, spacing, seed, fov_padding) if volume is None else volume
     hu = np.asarray(vol.detach().cpu().numpy() if isinstance(vol, torch.Tensor) else vol, dtype=np.float32)[0]
@@ -274,7 +278,10 @@ def write_phantom_dicom(
     from pydicom.dataset import Dataset
     from pydicom.uid import CTImageStorage
 
-    with atomic_output(output_dir, overwrite=overwrite, is_dir=True) as tmp:
+    provenance = Provenance(task=f"synthetic phantom seed {seed}")
+    with staged_output(
+        output_dir, overwrite=overwrite, is_dir=True, provenance=provenance, manifest=manifest
+    ) as tmp:
         for k in range(nz):
             ds = Dataset()
             ds.SpecificCharacterSet = "ISO_IR 100"
@@ -326,11 +333,14 @@ def write_phantom_dicom(
                 else:
                     setattr(ds, keyword, value)
             write_dataset(ds, tmp / f"CT{k + 1:04d}.dcm", transfer_syntax)
+            fault_point("slice-written")
     return Path(output_dir)
 
 
 def write_phantom_nifti(path: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
     """Write :func:`make_phantom` (``kwargs``) as a NIfTI file of int16 HU."""
     from ldct_clip.io.nifti import save_nifti
+    from ldct_clip.io.provenance import Provenance
 
-    return save_nifti(make_phantom(**kwargs), path, overwrite=overwrite)
+    provenance = Provenance(task=f"synthetic phantom seed {kwargs.get('seed', 0)}")
+    return save_nifti(make_phantom(**kwargs), path, overwrite=overwrite, provenance=provenance)

@@ -9,8 +9,15 @@ from ldct_clip.inference.device import (
     resolve_amp,
     resolve_device,
 )
-from ldct_clip.inference.inferers import CTSliceInferer, HUBatchConversion, SliceBatchInferer, make_inferer
-from ldct_clip.inference.loading import load_denoiser
+from ldct_clip.inference.inferers import (
+    CTSliceInferer,
+    HUBatchConversion,
+    ImageInferer,
+    SliceBatchInferer,
+    make_inferer,
+)
+from ldct_clip.inference.loading import WeightsLoader, load_denoiser
+from ldct_clip.inference.memory import bounded_batch_size
 from ldct_clip.inference.predictor import PAD_MULTIPLE, SlicePredictor
 from ldct_clip.inference.volume import denoise_volume
 
@@ -19,9 +26,12 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "CTSliceInferer",
     "HUBatchConversion",
+    "ImageInferer",
     "PAD_MULTIPLE",
     "SliceBatchInferer",
     "SlicePredictor",
+    "WeightsLoader",
+    "bounded_batch_size",
     "default_batch_size",
     "default_channels_last",
     "denoise_volume",

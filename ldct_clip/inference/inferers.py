@@ -30,8 +30,10 @@ from ldct_clip.conventions import (
     hu_to_model,
     model_to_hu,
 )
+from ldct_clip.errors import InputError
+from ldct_clip.inference.memory import bounded_batch_size
 
-__all__ = ["CTSliceInferer", "HUBatchConversion", "SliceBatchInferer", "make_inferer"]
+__all__ = ["CTSliceInferer", "HUBatchConversion", "ImageInferer", "SliceBatchInferer", "make_inferer"]
 
 
 class SliceBatchInferer(Inferer):
@@ -211,7 +213,8 @@ class CTSliceInferer(Inferer):
     (:class:`HUBatchConversion`).
 
     Args:
-        sw_batch_size: slices per network call.
+        sw_batch_size: slices per network call, at most; reduced for a volume whose slices would not fit
+            the memory budget (:func:`~ldct_clip.inference.memory.bounded_batch_size`, which logs it).
         axcodes: orientation the network sees (default :data:`ldct_clip.conventions.ORIENTATION`); None: as
             stored.
         roi_size: in-plane window ``(H, W)``; None or non-positive sides: whole slices (the exact per-slice
@@ -242,6 +245,12 @@ class CTSliceInferer(Inferer):
         hu_conversion: HUBatchConversion | None = None,
     ) -> None:
         self.axcodes = axcodes
+        self.batch_size = int(sw_batch_size)
+        self.window = (
+            tuple(int(r) for r in roi_size)
+            if roi_size is not None and all(int(r) > 0 for r in roi_size)
+            else None
+        )
         self.conversion = hu_conversion if hu_conversion is not None else HUBatchConversion()
         self.slicer = make_inferer(
             sw_batch_size=sw_batch_size,
@@ -256,52 +265,56 @@ class CTSliceInferer(Inferer):
             inplace=inplace,
         )
 
-    @property
-    def sw_batch_size(self) -> int:
-        return int(self.slicer.sw_batch_size)
-
-    @sw_batch_size.setter
-    def sw_batch_size(self, value: int) -> None:
-        self.slicer.sw_batch_size = int(value)
-
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
         """
         Args:
-            inputs: ``(N, 1, X, Y, Z)`` HU, normally a MetaTensor in host memory.
+            inputs: ``(N, 1, X, Y, Z)`` HU, or one ``(1, X, Y, Z)`` volume; normally a MetaTensor in host memory.
             network: 2-D predictor in the model range, e.g. :class:`~ldct_clip.inference.SlicePredictor`.
+
+        Returns:
+            the denoised HU volume(s), shaped and oriented like ``inputs``, with its meta.
         """
-        if inputs.ndim != 5:
+        if inputs.ndim not in (4, 5):
             raise ValueError(
-                f"CTSliceInferer needs a (N, 1, X, Y, Z) input, got shape {tuple(inputs.shape)}."
+                f"CTSliceInferer needs a (N, 1, X, Y, Z) batch or a (1, X, Y, Z) volume, got {tuple(inputs.shape)}."
             )
-        if not inputs.is_floating_point():
-            inputs = inputs.float()
-        outputs = [self._one(inputs[i : i + 1], network, *args, **kwargs) for i in range(inputs.shape[0])]
-        if len(outputs) == 1:
-            return outputs[0]
-        out = torch.cat([o.as_tensor() if isinstance(o, MetaTensor) else o for o in outputs])
+        data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        if not data.is_floating_point():
+            data = data.float()
+        affines = getattr(inputs, "affine", None)
+        if inputs.ndim == 4:
+            out = self._one(data[None], affines, network, *args, **kwargs)[0]
+        else:
+            if affines is not None and affines.ndim == 2:
+                affines = affines[None].expand(data.shape[0], 4, 4)
+            outs = [
+                self._one(data[i : i + 1], None if affines is None else affines[i], network, *args, **kwargs)
+                for i in range(data.shape[0])
+            ]
+            out = (
+                outs[0] if len(outs) == 1 else torch.cat(outs)
+            )  # one volume: no copy (inplace stays in place)
         return (
             MetaTensor(out).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else out
         )
 
-    def _one(self, volume: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        affine = getattr(volume, "affine", None)
-        if affine is not None and affine.ndim == 3:
-            affine = affine[0]
+    def _one(
+        self, volume: torch.Tensor, affine: torch.Tensor | None, network: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """One ``(1, 1, X, Y, Z)`` plain tensor with its ``(4, 4)`` affine (None: already oriented)."""
+        height, width = self.window or volume.shape[-3:-1]
+        device = self.slicer.sw_device or volume.device
+        self.slicer.sw_batch_size = bounded_batch_size(self.batch_size, int(height), int(width), device)
         current, flips = orientation_plan(affine, self.axcodes) if affine is not None else ("", ())
         if flips is not None:
             return self.slicer(volume, _OrientedHUNetwork(network, self.conversion, flips), *args, **kwargs)
-        # the axes must be permuted: reorient a copy and back (rare: sagittal/coronal stacks)
-        item = MetaTensor(volume[0].as_tensor(), affine=affine)
-        oriented = Orientation(axcodes=self.axcodes, labels=None)(item)
-        pred = self.slicer(oriented[None], _OrientedHUNetwork(network, self.conversion, ()), *args, **kwargs)
-        back = Orientation(axcodes=current, labels=None)(
-            MetaTensor(pred[0].as_tensor(), affine=oriented.affine)
+        # the axes must be permuted: reorient a copy and back (rare: sagittal or coronal stacks)
+        oriented = Orientation(axcodes=self.axcodes, labels=None)(MetaTensor(volume[0], affine=affine))
+        pred = self.slicer(
+            oriented.as_tensor()[None], _OrientedHUNetwork(network, self.conversion, ()), *args, **kwargs
         )
-        out = back.as_tensor()[None]
-        if isinstance(volume, MetaTensor):
-            return MetaTensor(out).copy_meta_from(volume, copy_attr=False)
-        return out
+        back = Orientation(axcodes=current, labels=None)(MetaTensor(pred[0], affine=oriented.affine))
+        return back.as_tensor()[None]
 
 
 def make_inferer(
@@ -354,3 +367,42 @@ def make_inferer(
         device=device,
         progress=progress,
     )
+
+
+class ImageInferer(Inferer):
+    """One image ``(C, H, W)`` (or a batch ``(N, C, H, W)``) through a 2-D predictor, for the image tasks.
+
+    A grey image given to a colour network is repeated to its channels and the result averaged back to
+    one channel (the reference evaluation's handling of grey test sets).
+
+    Args:
+        channels: the channels the network takes.
+        sw_device: device the network runs on; the result comes back to the input's device.
+    """
+
+    def __init__(self, channels: int = 3, sw_device: torch.device | str | None = None) -> None:
+        self.channels = int(channels)
+        self.sw_device = sw_device
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        """
+        Args:
+            inputs: ``(C, H, W)`` or ``(N, C, H, W)`` in [0, 1].
+            network: 2-D predictor, e.g. :class:`~ldct_clip.inference.SlicePredictor`.
+        """
+        single = inputs.ndim == 3
+        batch = inputs[None] if single else inputs
+        data = batch.as_tensor() if isinstance(batch, MetaTensor) else batch
+        grey = data.shape[1] == 1 and self.channels == 3
+        if data.shape[1] != self.channels and not grey:
+            raise InputError(
+                f"the network denoises {self.channels}-channel images, this image has {data.shape[1]} channels"
+            )
+        device = torch.device(self.sw_device) if self.sw_device is not None else data.device
+        x = (data.repeat(1, 3, 1, 1) if grey else data).to(device, torch.float32)
+        y = network(x, *args, **kwargs).to(data.device)
+        y = y.mean(1, keepdim=True) if grey else y
+        out = y[0] if single else y
+        return (
+            MetaTensor(out).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else out
+        )

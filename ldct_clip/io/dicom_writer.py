@@ -2,7 +2,9 @@
 
 Each output slice is a fresh dataset built from the matching source slice's header (patient, study,
 frame of reference, geometry), with new series/instance UIDs, DERIVED image type, a reference to the
-source slice and uncompressed int16 pixels, so viewers and PACS file it next to the original.
+source slice, the provenance (which weights, bundle and ldct-clip version) and uncompressed int16 pixels,
+so viewers and PACS file it next to the original. The series is staged and published whole with its
+manifest (:func:`ldct_clip.io.staging.staged_output`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from tqdm.auto import tqdm
 
 import ldct_clip
 from ldct_clip.errors import OutputError
-from ldct_clip.io.atomic import atomic_output, check_output_path
 from ldct_clip.io.dicom_series import (
+    DicomSeries,
     is_dicom_file,
     lps_to_ras,
     rescale_of,
     select_series,
     sorted_series_geometry,
 )
+from ldct_clip.io.preflight import dicom_series_bytes
+from ldct_clip.io.provenance import Provenance
+from ldct_clip.io.staging import check_output_path, fault_point, staged_output
 from ldct_clip.io.volume_array import single_channel_array
 
 __all__ = [
@@ -193,7 +198,13 @@ def _uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:
 
 
 def _derived_dataset(
-    source: Dataset, series_uid: str, series_number: int, description: str, derivation: str, study_uid: str
+    source: Dataset,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    provenance: Provenance,
+    derivation: str | None,
+    study_uid: str,
 ) -> Dataset:
     ds = Dataset()
     # Iterate over tags, not elements: touching the (deferred) pixel data would read it from disk.
@@ -213,7 +224,9 @@ def _derived_dataset(
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
     kept = [str(v) for v in source.get("ImageType", [])][2:] or ["AXIAL"]
     ds.ImageType = ["DERIVED", "SECONDARY", *kept]
-    ds.DerivationDescription = derivation[:1024]  # ST: 1024 characters at most
+    provenance.apply_to_dataset(ds)
+    if derivation is not None:
+        ds.DerivationDescription = derivation[:1024]  # ST: 1024 characters at most
     # No DerivationCodeSequence: CID 7203 "Image Derivation" has no code for learned denoising or for
     # simulated noise insertion, and a near miss (113087 "Smoothing") would misinform; the text says it.
     _complete_laterality(ds)
@@ -255,14 +268,16 @@ def _series_description(source_description: str, suffix: str) -> str:
 
 def save_dicom_series(
     volume,
-    source: str | os.PathLike | None,
+    source: str | os.PathLike | DicomSeries | None,
     output_dir: str | os.PathLike,
     description: str | None = None,
     overwrite: bool = False,
     model_name: str = "CLIPDenoiser",
     series_number: int | None = None,
     derivation: str | None = None,
-    description_suffix: str = DENOISED_SUFFIX,
+    description_suffix: str | None = None,
+    provenance: Provenance | None = None,
+    command: str = "",
 ) -> Path:
     """Write ``volume`` (HU) as a derived CT series of the DICOM series at ``source``.
 
@@ -270,17 +285,24 @@ def save_dicom_series(
         volume: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` HU, in the orientation :func:`ldct_clip.io.load_ct` returned
             for ``source`` (undo any reorientation first, e.g. with MONAI's ``Invertd``). A ``MetaTensor``'s
             affine is checked against the source and its ``series_uid`` meta picks the series in ``source``.
-        source: folder or file of the DICOM series the volume was loaded from.
-        output_dir: folder to create, one file per slice; written atomically, never inside the source.
+        source: folder or file of the DICOM series the volume was loaded from, or the
+            :class:`~ldct_clip.io.dicom_series.DicomSeries` itself (its headers are not read again).
+        output_dir: folder to create, one file per slice plus ``ldct-clip-manifest.json``; staged and
+            published whole, never inside the source.
         description: the full SeriesDescription (nothing is appended; cut to 64 characters); default: the
             source's description + ``description_suffix``.
-        overwrite: replace an existing ``output_dir``.
-        model_name: named in the default DerivationDescription, with the ldct_clip version.
+        overwrite: replace an existing ``output_dir`` if it is an unchanged ldct-clip output.
+        model_name: named in the DerivationDescription when ``provenance`` is not given.
         series_number: SeriesNumber; default: the source's + ``SERIES_NUMBER_OFFSET`` (1000).
-        derivation: the full DerivationDescription, for outputs that are not denoised (e.g. a simulated
-            low-dose series); default: "Denoised by {model_name} with ldct_clip {version}".
+        derivation: the full DerivationDescription (default: ``provenance.derivation_description()``,
+            e.g. "Denoised by CLIPDenoiser (bundle ..., weights model.pt sha256 bee4a582f420) with ldct-clip 0.1.0").
         description_suffix: appended to the source's SeriesDescription when ``description`` is None
-            (default " [denoised]"); the source part is shortened if needed so that the suffix is kept.
+            (default: ``provenance.series_suffix()``, " [denoised]" or " [denoised, demo weights]"); the
+            source part is shortened if needed so that the suffix is kept.
+        provenance: the weights, bundle and task, recorded in every slice (DerivationDescription,
+            ContributingEquipmentSequence) and in the manifest; default: denoised by ``model_name``, or,
+            with ``derivation`` given, a derived series of unnamed kind.
+        command: the command line recorded in the manifest (default: this process's).
 
     Returns:
         the output folder.
@@ -288,6 +310,9 @@ def save_dicom_series(
     Raises:
         OutputError: no DICOM source, a volume that does not match it, or an unsafe output path.
     """
+    series = source if isinstance(source, DicomSeries) else None
+    if series is not None:
+        source = Path(series.path)
     if source is None or not Path(source).exists():
         raise OutputError(
             f"DICOM output needs the DICOM series the volume was loaded from (source={source}); write NIfTI instead"
@@ -296,11 +321,10 @@ def save_dicom_series(
     if source.is_file() and not is_dicom_file(source):
         raise OutputError(f"DICOM output needs a DICOM source, {source} is not DICOM; write NIfTI instead")
     check_output_path(source, output_dir, overwrite)
-    series_uid = None
-    meta = getattr(volume, "meta", None) or {}
-    if meta.get("series_uid"):
-        series_uid = str(meta["series_uid"])
-    series = select_series(source, series_uid, allow_non_ct=True)
+    if series is None:
+        meta = getattr(volume, "meta", None) or {}
+        series_uid = str(meta["series_uid"]) if meta.get("series_uid") else None
+        series = select_series(source, series_uid, allow_non_ct=True, include_derived=True)
     first = series.headers[0].dataset
     sop_class = _uid(first, "SOPClassUID", "MediaStorageSOPClassUID")
     if series.headers[0].is_multiframe or sop_class != CTImageStorage:
@@ -338,17 +362,26 @@ def save_dicom_series(
     number = series_number
     if number is None:
         number = int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
+    if provenance is None:
+        provenance = Provenance(model_name=model_name, task="denoised" if derivation is None else "derived")
     if description is None:
-        description = _series_description(str(first.get("SeriesDescription", "") or ""), description_suffix)
-    if derivation is None:
-        derivation = f"Denoised by {model_name} with ldct_clip {ldct_clip.__version__}"
-    with atomic_output(output_dir, overwrite=overwrite, is_dir=True) as tmp:
-        headers = geometry.headers
+        suffix = provenance.series_suffix() if description_suffix is None else description_suffix
+        description = _series_description(str(first.get("SeriesDescription", "") or ""), suffix)
+    headers = geometry.headers
+    needed = dicom_series_bytes(len(headers), geometry.rows, geometry.columns)
+    with staged_output(
+        output_dir,
+        overwrite=overwrite,
+        is_dir=True,
+        provenance=provenance,
+        command=command or provenance.command,
+        needed_bytes=needed,
+    ) as tmp:
         for k, header in enumerate(
             tqdm(headers, desc="writing DICOM", unit="slice", disable=len(headers) < 64)
         ):
             src = header.dataset
-            ds = _derived_dataset(src, new_series_uid, number, description, derivation, study_uid)
+            ds = _derived_dataset(src, new_series_uid, number, description, provenance, derivation, study_uid)
             encode_pixels(ds, array[:, :, k].T, intercept=0.0, slope=1.0, signed=True)
             if "PixelPaddingValue" in src:
                 # Padding is stored in the source's units: carry it over as the same HU value in ours.
@@ -357,4 +390,5 @@ def save_dicom_series(
                 if INT16_MIN <= padding <= INT16_MAX:
                     ds.add_new("PixelPaddingValue", "SS", padding)
             write_dataset(ds, tmp / f"{k + 1:05d}.dcm")
+            fault_point("slice-written")
     return Path(output_dir)

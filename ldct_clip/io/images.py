@@ -9,7 +9,8 @@ colour PNG as 8 bits and MONAI's ITKReader needs the ``itk`` package (not a depe
 through ``tifffile`` and 16-bit colour PNG through SimpleITK, both wrapped as a MONAI ``ImageReader`` so
 that :class:`~monai.transforms.LoadImage` does the rest (meta data, channel first). Writers: MONAI's
 :class:`~monai.data.PILWriter` where Pillow can hold the data, SimpleITK for 16-bit colour PNG, tifffile
-for TIFF. Every write is atomic (:func:`ldct_clip.io.atomic.atomic_output`).
+for TIFF. Every write is staged and published with a sidecar manifest
+(:func:`ldct_clip.io.staging.staged_output`), so that only ldct-clip's own unchanged files are replaced.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from monai.data import ImageReader, MetaTensor, PILReader, PILWriter
 from monai.transforms import LoadImage
 
 from ldct_clip.errors import InputError, OutputError
-from ldct_clip.io.atomic import atomic_output
 from ldct_clip.io.monai_loader import quiet_load_image
+from ldct_clip.io.provenance import Provenance
+from ldct_clip.io.staging import fault_point, staged_output
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -246,6 +248,9 @@ def save_image(
     bit_depth: int | None = None,
     overwrite: bool = False,
     quality: int = 95,
+    provenance: Provenance | None = None,
+    command: str = "",
+    manifest: bool = True,
 ) -> Path:
     """Write a (C, H, W) image in [0, 1] (C in {1, 3}) to PNG, JPEG, TIFF or BMP, atomically.
 
@@ -257,8 +262,11 @@ def save_image(
         bit_depth: 8, 16 or 32 (float TIFF only). ``None``: the image's ``meta["bit_depth"]``, else 8.
             JPEG and BMP hold 8 bits: an image read at 16 bits is written at 8 unless 16 is asked for
             explicitly (an error).
-        overwrite: replace an existing file.
+        overwrite: replace an existing file if it is an unchanged ldct-clip output.
         quality: JPEG quality (1-95).
+        provenance: what made the image, recorded in its sidecar ``<name>.ldct-clip.json``.
+        command: the command line recorded in the sidecar (default: this process's).
+        manifest: write the sidecar; False for an image that goes into a folder with its own manifest.
 
     Raises:
         OutputError: the file exists and ``overwrite`` is False, or the folder is not writable (a missing
@@ -292,8 +300,13 @@ def save_image(
         raise InputError(f"{suffix} files cannot hold {bit_depth}-bit samples; write .png or .tif instead")
     quantised = _quantise(array, bit_depth)
     try:
-        with atomic_output(path, overwrite=overwrite) as tmp:
+        with staged_output(
+            path, overwrite=overwrite, provenance=provenance, command=command, manifest=manifest
+        ) as tmp:
             _write_file(quantised, tmp, quality)
+            fault_point("file-written")
+    except OutputError:
+        raise
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}; check the folder") from error
     return path

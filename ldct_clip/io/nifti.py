@@ -1,4 +1,4 @@
-"""NIfTI output: HU as int16 with the volume's affine, written atomically."""
+"""NIfTI output: HU as int16 with the volume's affine, staged and published with its sidecar manifest."""
 
 from __future__ import annotations
 
@@ -9,21 +9,35 @@ import nibabel as nib
 import numpy as np
 
 from ldct_clip.errors import OutputError
-from ldct_clip.io.atomic import atomic_output, check_output_path
+from ldct_clip.io.preflight import nifti_bytes
+from ldct_clip.io.provenance import Provenance
+from ldct_clip.io.staging import check_output_path, fault_point, staged_output
 from ldct_clip.io.volume_array import single_channel_array
 
 __all__ = ["save_nifti"]
 
 
-def save_nifti(volume, path: str | os.PathLike, overwrite: bool = False, affine=None) -> Path:
+def save_nifti(
+    volume,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    affine=None,
+    provenance: Provenance | None = None,
+    command: str = "",
+) -> Path:
     """Write a HU volume as NIfTI (int16, rounded and clipped; affine preserved, RAS as MONAI and NIfTI use).
+
+    The file gets a sidecar ``<name>.ldct-clip.json`` (its manifest: size, sha256, command, provenance).
 
     Args:
         volume: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` tensor/array in HU; a ``MetaTensor`` brings its affine
             and, through ``meta["source_path"]``, the input it must not overwrite.
         path: ``.nii`` or ``.nii.gz`` file to create.
-        overwrite: replace an existing file.
+        overwrite: replace an existing file if it is an unchanged ldct-clip output.
         affine: RAS affine when ``volume`` carries none (default identity).
+        provenance: what made the volume: abridged in the header's ``descrip`` (80 bytes), complete in the
+            sidecar.
+        command: the command line recorded in the sidecar (default: this process's).
 
     Returns:
         the output path.
@@ -46,6 +60,15 @@ def save_nifti(volume, path: str | os.PathLike, overwrite: bool = False, affine=
     image.set_sform(affine, code=1)
     # int16 stored as is: no scl_slope/scl_inter, so readers see exact HU integers.
     image.header.set_slope_inter(1.0, 0.0)
-    with atomic_output(path, overwrite=overwrite) as tmp:
+    if provenance is not None:
+        image.header["descrip"] = provenance.nifti_descrip().encode("ascii")
+    with staged_output(
+        path,
+        overwrite=overwrite,
+        provenance=provenance,
+        command=command or (provenance.command if provenance else ""),
+        needed_bytes=nifti_bytes(hu.shape),
+    ) as tmp:
         nib.save(image, str(tmp))
+        fault_point("file-written")
     return path

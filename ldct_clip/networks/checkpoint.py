@@ -109,21 +109,23 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | os.PathLike | M
     return model
 
 
-def load_model(path: str | os.PathLike, **overrides) -> CLIPDenoiser:
+def load_model(path: str | os.PathLike | Mapping, **overrides) -> CLIPDenoiser:
     """Build a :class:`CLIPDenoiser` from a checkpoint's ``network`` kwargs and load its ``model`` weights.
 
     Args:
-        path: a file written by :func:`save_checkpoint` (or :command:`ldct-clip import-reference`).
+        path: a file written by :func:`save_checkpoint` (or :command:`ldct-clip import-reference`), or such a
+            checkpoint already read with :func:`load_checkpoint`.
         overrides: constructor kwargs replacing stored ones (e.g. ``aug_level=0``, ``encoder_bn="frozen"``).
 
     Raises:
         WeightsError: unreadable file, no ``network`` entry, or weights that do not fit.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = path if isinstance(path, Mapping) else load_checkpoint(path)
+    name = "the checkpoint" if isinstance(path, Mapping) else str(path)
     network = checkpoint.get("network")
     if not isinstance(network, Mapping):
         raise WeightsError(
-            f"{path} has no 'network' entry (not written by ldct-clip); build CLIPDenoiser(...) yourself and "
+            f"{name} has no 'network' entry (not written by ldct-clip); build CLIPDenoiser(...) yourself and "
             "load it with ldct_clip.networks.load_model_weights(model, path), or convert a reference "
             "checkpoint with `ldct-clip import-reference`"
         )
@@ -132,5 +134,5 @@ def load_model(path: str | os.PathLike, **overrides) -> CLIPDenoiser:
     try:
         model = CLIPDenoiser(**kwargs)
     except TypeError as error:
-        raise WeightsError(f"{path}: its 'network' entry does not fit CLIPDenoiser ({error})") from None
+        raise WeightsError(f"{name}: its 'network' entry does not fit CLIPDenoiser ({error})") from None
     return load_model_weights(model, checkpoint)

@@ -14,7 +14,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvBlock", "DecoderStep", "make_up_path", "run_up_path"]
+__all__ = ["ConvBlock", "DecoderStep", "conv3x3_by_taps", "make_up_path", "run_up_path"]
+
+
+def conv3x3_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1) to few output channels, as a 1x1 convolution to its
+    nine taps and a sum of the taps shifted into place.
+
+    Same result up to float rounding (the sum over the nine kernel positions is done last). Why: oneDNN's
+    direct kernels are slow for 1-3 output channels (the decoder's ``last`` conv, 64 -> 1), while a 1x1
+    convolution to 9 channels runs near memory speed and the shifted sum is cheap (and one fused kernel
+    under torch.compile).
+
+    Args:
+        x: ``(B, C, H, W)`` input.
+        weight: ``(O, C, 3, 3)`` kernel.
+        bias: ``(O,)`` or None.
+    """
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    height, width = x.shape[-2], x.shape[-1]
+    # tap k = 3 * dy + dx of output channel o is channel k * O + o of the 1x1 convolution
+    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(9 * out_channels, in_channels, 1, 1))
+    taps = F.pad(taps, (1, 1, 1, 1))
+    y = taps[:, :out_channels, :height, :width]
+    for k in range(1, 9):
+        dy, dx = k // 3, k % 3
+        y = y + taps[:, k * out_channels : (k + 1) * out_channels, dy : dy + height, dx : dx + width]
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class ConvBlock(nn.Module):
@@ -39,6 +65,12 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference forward: the activations in place (no new tensor per activation)."""
+        conv0, act0, conv1, act1 = self.block
+        x = F.leaky_relu(conv0(x), act0.negative_slope, inplace=True)
+        return F.leaky_relu(conv1(x), act1.negative_slope, inplace=True)
+
 
 class DecoderStep(nn.Module):
     """One decoder step: optionally x2 bilinear upsampling (align_corners=True) and ``cat([up, skip])``,
@@ -59,9 +91,18 @@ class DecoderStep(nn.Module):
         if skip is not None:
             # The network pads its input to a multiple of 16, so the upsampled map and the skip always
             # have the same size (the reference's centre crop is then the identity).
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+            # A float factor: TorchScript's interpolate takes no int one (same output: with
+            # align_corners=True the sampling grid depends on the sizes only).
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
             x = torch.cat([x, skip], dim=1)
         return self.conv_block(x)
+
+    def infer(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference forward (:meth:`ConvBlock.infer`); same result as :meth:`forward`."""
+        if skip is not None:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+            x = torch.cat([x, skip], dim=1)
+        return self.conv_block.infer(x)
 
 
 def make_up_path(
@@ -91,8 +132,12 @@ def make_up_path(
 
 
 def run_up_path(up_path: nn.ModuleList, taps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Decoder forward: step 0 on the deepest tap, then each step with the next shallower tap as skip."""
-    x = up_path[0](taps[-1])
-    for i, step in enumerate(up_path[1:], start=1):
-        x = step(x, taps[-1 - i])
+    """Decoder forward: step 0 on the deepest tap, then each step with the next shallower tap as skip.
+
+    :meth:`CLIPDenoiser.decode` runs the same loop inside the module, where TorchScript can compile it
+    (a scripted function cannot take a ``ModuleList``).
+    """
+    x = taps[-1]
+    for i, step in enumerate(up_path):
+        x = step(x) if i == 0 else step(x, taps[-1 - i])
     return x

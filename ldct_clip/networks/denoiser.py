@@ -6,7 +6,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldct_clip.errors import InputError
@@ -15,33 +14,50 @@ from ldct_clip.networks.clip_weights import (
     read_encoder_state_dict,
     resolve_encoder_weights,
 )
-from ldct_clip.networks.decoder import make_up_path, run_up_path
+from ldct_clip.networks.decoder import conv3x3_by_taps, make_up_path
 from ldct_clip.networks.encoder import CLIPDenseEncoder, resolve_resnet_config
 
-__all__ = ["CLIPDenoiser", "ENCODER_BN_MODES", "pad_to_multiple"]
+__all__ = ["CLIPDenoiser", "ENCODER_BN_MODES", "SIZE_MULTIPLE", "pad_to_multiple", "reflect_indices"]
 
 ENCODER_BN_MODES = ("batch_stats", "frozen")
 # layer3 is at 1/16 resolution: every tap then has exactly twice the size of the next deeper one.
 SIZE_MULTIPLE = 16
 
 
+def reflect_indices(size: int, target: int, device: torch.device) -> torch.Tensor:
+    """Indices ``0..target-1`` folded into ``0..size-1`` as numpy's ``reflect`` padding folds them.
+
+    numpy reflects again and again where the pad exceeds the size, which repeats one period
+    ``0, 1, ..., size-1, size-2, ..., 1``; a size-1 axis has nothing to reflect and is repeated. Built from
+    ``arange``, ``cat`` and ``repeat`` of sizes only (no arithmetic on index values), so it traces and
+    exports to ONNX with dynamic sizes.
+    """
+    back = torch.arange(1, max(size - 1, 1), device=device).flip(0)  # size-2, ..., 1 (none for size < 3)
+    period = torch.cat([torch.arange(size, device=device), back])
+    repeats = (target + period.shape[0] - 1) // period.shape[0]
+    return period.repeat(repeats)[:target]
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
     """Reflect-pad the bottom/right of a (B, C, H, W) tensor up to a multiple of ``multiple``.
 
     The padding is at the end of each axis, as the reference evaluation scripts pad. ``torch``'s reflect
-    mode needs a pad smaller than the size, so tiny inputs are reflected in several steps (as numpy's
-    ``reflect`` does); a size-1 axis has nothing to reflect and is replicated. Reflection is separable,
-    so padding the axes one after the other equals padding both at once.
+    mode needs a pad smaller than the size; this pads any size as numpy's ``reflect`` does (see
+    :func:`reflect_indices`; a size-1 axis is replicated), by gathering rows and columns, which is a
+    copy like ``F.pad`` and exports to ONNX with dynamic height and width. An input that needs no
+    padding is returned as it is (except while exporting, whose graph must serve every size).
     """
-    for dim in (-2, -1):
-        pad = -x.shape[dim] % multiple
-        while pad:
-            size = x.shape[dim]
-            step = pad if size == 1 else min(pad, size - 1)
-            pads = (0, step, 0, 0) if dim == -1 else (0, 0, 0, step)
-            x = F.pad(x, pads, mode="replicate" if size == 1 else "reflect")
-            pad -= step
-    return x
+    height, width = x.shape[-2], x.shape[-1]
+    padded_height = (height + multiple - 1) // multiple * multiple
+    padded_width = (width + multiple - 1) // multiple * multiple
+    nothing_to_pad = padded_height == height and padded_width == width
+    if not torch.jit.is_scripting():
+        # An exported graph serves every size: it always gathers (the identity where nothing is padded).
+        nothing_to_pad = nothing_to_pad and not torch.compiler.is_exporting()
+    if nothing_to_pad:
+        return x
+    x = x.index_select(-2, reflect_indices(height, padded_height, x.device))
+    return x.index_select(-1, reflect_indices(width, padded_width, x.device))
 
 
 class CLIPDenoiser(nn.Module):
@@ -74,6 +90,11 @@ class CLIPDenoiser(nn.Module):
         encoder_sha256: optional SHA-256 of the encoder weight file, checked before loading.
         cache_dir: open_clip/Hugging Face cache directory for tags (``None``: their defaults).
     """
+
+    # TorchScript: compile-time constants; ``sigmas`` is Python-only (a variadic tuple).
+    __constants__ = ["in_channels", "size_multiple"]
+    __jit_unused_properties__ = ["sigmas"]
+    size_multiple = SIZE_MULTIPLE
 
     def __init__(
         self,
@@ -152,7 +173,7 @@ class CLIPDenoiser(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five encoder taps of a (B, C, H, W) input whose H, W are multiples of 16."""
-        if self.in_channels == 1:
+        if hasattr(self, "first"):  # hasattr, not in_channels: TorchScript resolves it when compiling
             x = self.first(x)
         if self.in_channels == 3 and not x.requires_grad:
             # Nothing before the frozen encoder learns: keeping its activations for backward is wasted memory.
@@ -163,19 +184,56 @@ class CLIPDenoiser(nn.Module):
     def augment(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Progressive feature augmentation: multiplicative Gaussian noise on taps 1..4, in that order."""
         out = [taps[0]]
-        for tap, sigma in zip(taps[1:], self.sigmas):
-            out.append(tap * (torch.randn_like(tap) * sigma + 1.0))
+        for i in range(1, len(taps)):
+            # sigma_i = i * aug_level, as :attr:`sigmas` lists them
+            out.append(taps[i] * (torch.randn_like(taps[i]) * (i * self.aug_level) + 1.0))
         return out
+
+    def decode(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder (without ``last``): step 0 on the deepest tap, then each step with the next
+        shallower tap as skip (:func:`ldct_clip.networks.decoder.run_up_path`, inside the module so that
+        TorchScript compiles it)."""
+        x = taps[-1]
+        for i, step in enumerate(self.up_path):
+            x = step(x) if i == 0 else step(x, taps[-1 - i])
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(
-                f"CLIPDenoiser expects a (B, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}"
+                f"CLIPDenoiser expects a (B, {self.in_channels}, H, W) tensor, got shape {list(x.shape)}"
             )
         height, width = x.shape[-2:]
-        padded = pad_to_multiple(x, SIZE_MULTIPLE)
+        padded = pad_to_multiple(x, self.size_multiple)
         taps = self.encode(padded)
         if self.training:
             taps = self.augment(taps)
-        y = self.last(run_up_path(self.up_path, taps))
+        y = self.last(self.decode(taps))
+        return y[..., :height, :width]
+
+    @torch.jit.unused
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference forward: :meth:`forward` in eval mode with less work around the convolutions.
+
+        Same result up to float rounding (the backends in :mod:`ldct_clip.inference.backends` are tested
+        against :meth:`forward` with the shipped weights): ``first`` (1x1 conv from one channel) is a
+        broadcast multiply, ``last`` (3x3 conv to one channel, slow in oneDNN) goes through
+        :func:`~ldct_clip.networks.decoder.conv3x3_by_taps`, the decoder's activations are in place, and
+        the image tap is laid out like the network's weights (NHWC networks get NHWC taps, so that the
+        concatenation does not fall back to NCHW). No feature augmentation: call it in eval mode, under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` (in-place activations).
+        """
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, self.size_multiple)
+        if hasattr(self, "first"):
+            x = x * self.first.weight.view(1, -1, 1, 1)
+            if self.first.bias is not None:
+                x = x + self.first.bias.view(1, -1, 1, 1)
+        if self.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        taps = self.encoder(x)
+        y = taps[-1]
+        for i, step in enumerate(self.up_path):
+            y = step.infer(y, None if i == 0 else taps[-1 - i])
+        y = conv3x3_by_taps(y, self.last.weight, self.last.bias)
         return y[..., :height, :width]

@@ -1,12 +1,18 @@
 """MONAI-style array and dictionary transforms: HU normalisation and windows, noise models, camera pipeline."""
 
+from ldct_clip.transforms.ct_noise import TRAIN_NOISE_STD as TRAIN_NOISE_STD
+from ldct_clip.transforms.ct_noise import CTGaussianNoise as CTGaussianNoise
+from ldct_clip.transforms.ct_noise import CTGaussianNoised as CTGaussianNoised
+from ldct_clip.transforms.ct_noise import SimulatedCTNoise as SimulatedCTNoise
+from ldct_clip.transforms.ct_noise import SimulatedCTNoised as SimulatedCTNoised
+from ldct_clip.transforms.ct_noise import SimulationSettings as SimulationSettings
 from ldct_clip.transforms.intensity import HUToModelRange as HUToModelRange
 from ldct_clip.transforms.intensity import HUToModelRanged as HUToModelRanged
 from ldct_clip.transforms.intensity import ModelRangeToHU as ModelRangeToHU
 from ldct_clip.transforms.intensity import ModelRangeToHUd as ModelRangeToHUd
 from ldct_clip.transforms.intensity import WindowHU as WindowHU
 from ldct_clip.transforms.intensity import WindowHUd as WindowHUd
-from ldct_clip.transforms.io import LoadCT, LoadCTd, SaveCT, SaveCTd, check_outputs, plan_outputs
+from ldct_clip.transforms.io import LoadCT, LoadCTd, LoadImaged, SaveCT, SaveCTd, SaveImaged
 from ldct_clip.transforms.isp import CameraPipelineNoise as CameraPipelineNoise
 from ldct_clip.transforms.isp import CameraPipelineNoised as CameraPipelineNoised
 from ldct_clip.transforms.isp import CameraResponse as CameraResponse

@@ -1,9 +1,11 @@
 """Training and held-out data for the demo weights, from the development CT in ``../shared/data`` plus phantoms.
 
+Dataset preparation, not library code: ``make_demo_training_data.py`` next to this file runs it.
+
 :func:`prepare_demo_data` writes, under one output folder (atomically):
 
 - ``train/``: normal-dose volumes, one "patient" per NIfTI file (the ``"volumes"`` layout of
-  :mod:`ldct_clip.data.datasets`, what ``ldct-clip train --data`` reads):
+  :mod:`ldct_clip.data.layouts`, what ``ldct-clip train --data`` reads):
 
   - ``totalseg_dicom_train.nii.gz``: slices 0-13 of the real DICOM series ``totalseg_example_ct_dicom``
     (512 x 512, 0.977 mm, 3 mm thick every 2 mm); slices 14-15 are left out as a gap, so that no training
@@ -30,8 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Spacing, SpatialCrop
 
+from ldct_clip.conventions import BODY_THRESHOLD_HU
+from ldct_clip.data.phantom import make_phantom
 from ldct_clip.errors import InputError
+from ldct_clip.evaluation import flat_roi_noise, psnr, write_json
+from ldct_clip.io import check_output_path, load_ct, save_nifti
+from ldct_clip.io.staging import staged_output
+from ldct_clip.simulation import DEFAULT_PHOTONS, simulate_low_dose
 
 __all__ = [
     "DICOM_HELDOUT_SLICES",
@@ -53,13 +62,10 @@ TRAIN_PHANTOMS = ((512, 8, 1), (512, 8, 2), (384, 8, 3), (256, 8, 4))
 #: (size, slices, seed) of the held-out phantom: a seed no training phantom (nor the demo, seed 0) uses.
 HELDOUT_PHANTOM = (512, 4, 99)
 PHANTOM_SPACING = (0.8, 0.8, 3.0)
-BODY_HU = -500.0
 
 
 def _crop_slices(volume, slices: range):
     """Slices ``slices`` of the last axis, with the affine moved accordingly (MONAI ``SpatialCrop``)."""
-    from monai.transforms import SpatialCrop
-
     if slices.start < 0 or slices.stop > volume.shape[-1]:
         raise InputError(
             f"slices {slices.start}-{slices.stop - 1} asked for, the series has {volume.shape[-1]}: "
@@ -70,8 +76,6 @@ def _crop_slices(volume, slices: range):
 
 
 def _resample_in_plane(volume, spacing_mm: float):
-    from monai.transforms import Spacing
-
     z = float(np.linalg.norm(np.asarray(volume.affine)[:3, 2]))
     # "border": the few voxels the new grid adds at the edge repeat the edge (air), not 0 HU
     return Spacing(pixdim=(spacing_mm, spacing_mm, z), mode="bilinear", padding_mode="border")(volume)
@@ -79,19 +83,16 @@ def _resample_in_plane(volume, spacing_mm: float):
 
 def heldout_noise(low, full) -> dict[str, float]:
     """What a held-out pair's simulated noise is: std (HU) of ``low - full`` inside the body, the noise std in
-    the flattest normal-dose windows (``ldct_clip.reporting``) of both, and the low dose's PSNR (redcnn)."""
-    from ldct_clip.metrics import psnr
-    from ldct_clip.reporting import find_flat_roi, roi_size, roi_std
-
+    the flattest normal-dose windows (``ldct_clip.evaluation.flat_roi_noise``) of both, and the low dose's PSNR (redcnn)."""
     low_np = np.asarray(low[0], dtype=np.float64)
     full_np = np.asarray(full[0], dtype=np.float64)
-    body = full_np > BODY_HU
+    body = full_np > BODY_THRESHOLD_HU
     added = float((low_np - full_np)[body].std())
     flat_low, flat_full = [], []
     for z in range(full_np.shape[-1]):
-        roi = find_flat_roi(full_np[..., z], roi_size(full_np.shape[:2], 1 / 8, 8, 32))
-        flat_low.append(roi_std(low_np[..., z], roi))
-        flat_full.append(roi_std(full_np[..., z], roi))
+        _, noise = flat_roi_noise({"low": low_np[..., z], "full": full_np[..., z]}, full_np[..., z])
+        flat_low.append(noise["low"])
+        flat_full.append(noise["full"])
     slices = [torch.from_numpy(v).permute(2, 0, 1)[:, None] for v in (low_np, full_np)]
     return {
         "added_noise_std_body_hu": added,
@@ -145,11 +146,6 @@ def prepare_demo_data(
         InputError: the shared data are missing or not as expected; a held-out phantom seed that a
             training phantom uses.
     """
-    from ldct_clip.data.phantom import make_phantom
-    from ldct_clip.io import atomic_output, check_output_path, load_ct, save_nifti
-    from ldct_clip.reporting import write_json
-    from ldct_clip.simulation import DEFAULT_PHOTONS, simulate_low_dose
-
     shared = Path(shared_data).expanduser()
     dicom_dir, nifti_path = shared / DICOM_SERIES, shared / NIFTI_VOLUME
     for needed in (dicom_dir, nifti_path):
@@ -169,7 +165,7 @@ def prepare_demo_data(
         "train": {},
         "heldout": {},
     }
-    with atomic_output(final, overwrite=overwrite, is_dir=True) as tmp:
+    with staged_output(final, overwrite=overwrite, is_dir=True) as tmp:
         train, heldout = tmp / "train", tmp / "heldout"
         train.mkdir()
         heldout.mkdir()

@@ -1,11 +1,16 @@
-"""Learning-rate schedules of the paper's recipes, built from torch's schedulers, stepped every iteration.
+"""The time structure of a training run: rounds between checkpoints, and the learning-rate schedule.
 
-- CT: cosine annealing from the start (``ldct_clip.training.cosine_scheduler``).
+One schedule for every task, built from torch's schedulers and stepped every iteration: the optimizer's
+rate held for ``constant_iterations``, then cosine-annealed to ``eta_min``.
+
+- CT: ``constant_iterations = 0``, a cosine from the start.
 - sRGB and synthetic noise: the reference's ``CosineAnnealingRestartCyclicLR`` with periods
   (92000, 208000) and ``eta_mins`` (3e-4, 1e-6): a first period whose cosine runs from 3e-4 to 3e-4 (so a
   constant rate), then one cosine from 3e-4 down to 1e-6 over the remaining 208k of 300k iterations.
-  :func:`constant_then_cosine` is that schedule as torch's ``SequentialLR`` of ``ConstantLR(factor=1)``
-  and ``CosineAnnealingLR``: no own arithmetic, and its ``state_dict`` resumes with the rest of a run.
+
+:func:`constant_then_cosine` is torch's ``SequentialLR`` of ``ConstantLR(factor=1)`` and
+``CosineAnnealingLR`` (plain ``CosineAnnealingLR`` when nothing is constant): no own arithmetic, and its
+``state_dict`` resumes with the rest of a run.
 """
 
 from __future__ import annotations
@@ -18,10 +23,22 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler,
 
 from ldct_clip.errors import InputError
 
-__all__ = ["PAPER_CONSTANT_FRACTION", "constant_then_cosine", "constant_then_cosine_lr"]
+__all__ = ["PAPER_CONSTANT_FRACTION", "constant_then_cosine", "constant_then_cosine_lr", "round_length"]
 
 #: The reference's constant part of its 300k-iteration RGB schedules (92k / 300k).
 PAPER_CONSTANT_FRACTION = 92000 / 300000
+
+
+def round_length(iterations: int, preferred: int = 1000) -> int:
+    """The largest divisor of ``iterations`` not above ``preferred``: iterations per round (ignite epoch).
+
+    Raises:
+        InputError: ``iterations`` or ``preferred`` not positive.
+    """
+    iterations, preferred = int(iterations), int(preferred)
+    if iterations < 1 or preferred < 1:
+        raise InputError(f"iterations ({iterations}) and the round length ({preferred}) must be positive")
+    return max(d for d in range(1, min(iterations, preferred) + 1) if iterations % d == 0)
 
 
 class _QuietSequentialLR(SequentialLR):
@@ -35,7 +52,7 @@ class _QuietSequentialLR(SequentialLR):
 
 
 def constant_then_cosine(
-    optimizer: torch.optim.Optimizer, iterations: int, constant_iterations: int, eta_min: float = 1e-6
+    optimizer: torch.optim.Optimizer, iterations: int, constant_iterations: int = 0, eta_min: float = 1e-6
 ) -> LRScheduler:
     """The optimizer's learning rate held for ``constant_iterations`` steps, then cosine-annealed to
     ``eta_min`` at step ``iterations``; step it every iteration
@@ -43,8 +60,9 @@ def constant_then_cosine(
 
     Args:
         optimizer: the optimizer; its ``lr`` is the constant rate (3e-4 in the paper).
-        iterations: total training iterations (300000 in the paper).
-        constant_iterations: iterations at the constant rate (92000 in the paper); 0 gives a plain cosine.
+        iterations: total training iterations (the paper: 40000 for CT, 300000 for the RGB tasks).
+        constant_iterations: iterations at the constant rate (the paper: 0 for CT, 92000 for the RGB
+            tasks); 0 gives a plain cosine.
         eta_min: final learning rate (1e-6).
 
     Raises:
@@ -64,7 +82,7 @@ def constant_then_cosine(
 
 
 def constant_then_cosine_lr(
-    step: int, base_lr: float, iterations: int, constant_iterations: int, eta_min: float = 1e-6
+    step: int, base_lr: float, iterations: int, constant_iterations: int = 0, eta_min: float = 1e-6
 ) -> float:
     """The closed form of :func:`constant_then_cosine`: the learning rate used at (0-based) step ``step``."""
     if step < constant_iterations:

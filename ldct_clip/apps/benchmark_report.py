@@ -1,10 +1,12 @@
-"""The benchmark: our model and classical baselines on low-/normal-dose pairs, measured alike.
+"""The benchmark report: our model and classical baselines on low-/normal-dose pairs, measured alike.
 
 Every method gets the same low-dose slices; the normal-dose slice is used only to score the result (PSNR,
-SSIM, RMSE under a ``ldct_clip.metrics`` protocol) and to place the measurement ROIs (the flattest region
-for the noise standard deviation and the noise power spectrum, the most detailed one for the figure's
-zoom), never by a method. ``run_benchmark`` measures; ``write_benchmark_report`` writes ``report.md``,
-``benchmark.csv``, ``summary.json`` and the figures.
+SSIM, RMSE under an ``ldct_clip.evaluation`` protocol) and to place the measurement ROIs (the flattest
+region for the noise standard deviation and the noise power spectrum, the most detailed one for the
+figure's zoom), never by a method. The model rows come from the evaluation's pairs loop
+(:func:`ldct_clip.evaluation.score_pairs`), the baselines are run on each slice here. ``run_benchmark``
+measures; ``write_benchmark_report`` writes ``report.md``, ``benchmark.csv``, ``summary.json`` and the
+figures.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import datetime
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,20 +24,23 @@ from tqdm.auto import tqdm
 
 from ldct_clip import __version__
 from ldct_clip.baselines import BASELINES, get_baseline
+from ldct_clip.conventions import BODY_THRESHOLD_HU, window_bounds
 from ldct_clip.errors import InputError
-from ldct_clip.metrics import compute_ct_metrics, get_protocol
-from ldct_clip.reporting import (
-    display_pixel_spacing,
-    display_slice,
+from ldct_clip.evaluation import (
+    DETAIL_CROP,
+    Denoiser,
+    NPSAccumulator,
+    PairSource,
+    compute_ct_metrics,
     find_detail_crop,
-    find_flat_roi,
-    noise_power_spectrum,
+    flat_roi_noise,
+    get_protocol,
     plot_differences,
     plot_nps,
     plot_slices,
-    radial_average,
     roi_size,
-    roi_std,
+    save_figure,
+    score_pairs,
     write_csv,
     write_json,
 )
@@ -48,7 +53,6 @@ __all__ = [
     "display_window",
     "parse_methods",
     "run_benchmark",
-    "select_slices",
     "write_benchmark_report",
 ]
 
@@ -63,15 +67,9 @@ METHOD_LABELS = {
     NORMAL_DOSE: "normal dose",
 }
 KNOWN_METHODS = ("clip", *BASELINES)
-# The display window of the figures when the protocol's own interval is no window (the paper's is the
-# whole [-1024, 3072] HU range): the abdomen soft-tissue window of the RED-CNN protocol.
-ABDOMEN_WINDOW = (-160.0, 240.0)
+#: Slices of the untimed first call of the model: a batch holds up to 16 slices (the GPU default).
 WARM_UP_SLICES = 16
-
-#: ``(volume, slices_oriented) -> volume``: denoises a whole HU volume (1, X, Y, Z) and returns it in HU,
-#: same shape (the ``clip`` method). ``slices_oriented`` is True when the slices are stored as the network
-#: sees them already (Mayo npy pairs), so the denoiser must not reorient them.
-VolumeDenoiser = Callable[[torch.Tensor, bool], torch.Tensor]
+MEASURES = ("psnr", "ssim", "rmse_hu", "noise_std_hu", "seconds")
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -87,19 +85,9 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 
 
 def display_window(protocol: str, anatomy: str = "abdomen") -> tuple[float, float]:
-    """Grey-scale window of the figures: the protocol's HU interval where it is a window (redcnn,
-    ldctbench with its anatomy), the abdomen window [-160, 240] HU for the paper protocol."""
-    proto = get_protocol(protocol, anatomy)
-    return ABDOMEN_WINDOW if proto.name == "paper" else (float(proto.trunc[0]), float(proto.trunc[1]))
-
-
-def select_slices(n_slices: int, max_slices: int | None) -> list[int]:
-    """All slice indices, or ``max_slices`` of them evenly spaced over the volume (first and last kept)."""
-    if max_slices is None or max_slices >= n_slices:
-        return list(range(n_slices))
-    if max_slices < 1:
-        raise InputError(f"--max-slices must be at least 1, got {max_slices}")
-    return sorted({int(round(i)) for i in np.linspace(0, n_slices - 1, max_slices)})
+    """Grey-scale window of the figures: the protocol's display window (its own window where it has one,
+    the abdomen window for the paper's whole-range protocol)."""
+    return window_bounds(get_protocol(protocol, anatomy).display_window)
 
 
 @dataclass
@@ -107,7 +95,7 @@ class BenchmarkResult:
     """What ``run_benchmark`` measured; ``write_benchmark_report`` turns it into files.
 
     Attributes:
-        protocol: the metric protocol's name.
+        protocol: the metric protocol's name as given ("paper", "redcnn", "ldctbench").
         methods: the benchmarked methods (without low and normal dose).
         rows: one dict per slice and image (low dose, each method, normal dose): patient, slice, method,
             psnr, ssim, rmse_hu, noise_std_hu, seconds, and the baselines' estimated parameters.
@@ -127,7 +115,7 @@ class BenchmarkResult:
     nps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     figure: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
-    window: tuple[float, float] = ABDOMEN_WINDOW
+    window: tuple[float, float] = window_bounds("abdomen")
     anatomy: str = "abdomen"
     noise_estimator: str = "flat"
 
@@ -136,9 +124,7 @@ class BenchmarkResult:
         out: dict[str, dict[str, float]] = {}
         for method in (LOW_DOSE, *self.methods, NORMAL_DOSE):
             rows = [r for r in self.rows if r["method"] == method]
-            keys = [
-                k for k in ("psnr", "ssim", "rmse_hu", "noise_std_hu", "seconds") if rows and k in rows[0]
-            ]
+            keys = [k for k in MEASURES if rows and k in rows[0]]
             out[method] = {k: _nanmean([r[k] for r in rows]) for k in keys}
             out[method]["n_slices"] = len(rows)
         return out
@@ -149,8 +135,7 @@ class BenchmarkResult:
             out[patient] = {}
             for method in (LOW_DOSE, *self.methods, NORMAL_DOSE):
                 rows = [r for r in self.rows if r["patient"] == patient and r["method"] == method]
-                keys = ("psnr", "ssim", "rmse_hu", "noise_std_hu", "seconds")
-                out[patient][method] = {k: _nanmean([r.get(k, float("nan")) for r in rows]) for k in keys}
+                out[patient][method] = {k: _nanmean([r.get(k, float("nan")) for r in rows]) for k in MEASURES}
         return out
 
 
@@ -159,103 +144,41 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _as_volume(volume, name: str) -> torch.Tensor:
-    t = torch.as_tensor(volume)
-    if t.ndim == 3:
-        t = t[None]
-    if t.ndim != 4 or t.shape[0] != 1:
-        raise InputError(f"{name}: expected a CT volume shaped (1, X, Y, Z), got {tuple(t.shape)}")
-    return t
-
-
-def _affine(volume) -> np.ndarray | None:
-    affine = getattr(volume, "affine", None)
-    return None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
-
-
-class _NPSAccumulator:
-    """Mean 2-D NPS of (image - normal dose) per method over slices of one pixel spacing and ROI size.
-
-    Spectra of different pixel spacings have different frequency axes and cannot be averaged: the first
-    slice fixes the spacing, and slices of other spacings are left out (the report says how many went in).
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
-        self.key: tuple | None = None
-        self.freqs: tuple[np.ndarray, np.ndarray] | None = None
-        self.slices = 0
-
-    def add(self, images: dict[str, np.ndarray], reference: np.ndarray, roi, spacing) -> None:
-        key = (tuple(spacing) if spacing else None, roi[0].stop - roi[0].start, roi[1].stop - roi[1].start)
-        if self.key is None:
-            self.key = key
-        if key != self.key:
-            return
-        for name, image in images.items():
-            power, fr, fc = noise_power_spectrum(image[roi] - reference[roi], spacing or (1.0, 1.0))
-            self.sums[name] = self.sums.get(name, 0.0) + power
-            self.counts[name] = self.counts.get(name, 0) + 1
-            self.freqs = (fr, fc)
-        self.slices += 1
-
-    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if self.freqs is None:
-            return {}
-        return {
-            name: radial_average(total / self.counts[name], *self.freqs) for name, total in self.sums.items()
-        }
-
-
 def _slice_rows(
     patient: str,
     z: int,
     images: dict[str, np.ndarray],
     reference: np.ndarray,
-    flat_roi,
+    scores: dict[str, dict[str, float]],
     seconds: dict[str, float],
     parameters: dict[str, dict[str, float]],
-    protocol: str,
-    anatomy: str,
-) -> list[dict]:
+) -> tuple[list[dict], tuple[slice, slice]]:
     """The CSV rows of one slice: every image scored against normal dose, then normal dose itself."""
-    names = list(images)
-    metrics = compute_ct_metrics(
-        torch.from_numpy(np.stack([images[n] for n in names])),
-        torch.from_numpy(np.repeat(reference[None], len(names), axis=0)),
-        protocol,
-        anatomy,
-    )
+    flat_roi, noise = flat_roi_noise({**images, NORMAL_DOSE: reference}, reference)
     rows = []
-    for i, name in enumerate(names):
+    for name in images:
         row = {
             "patient": patient,
             "slice": int(z),
             "method": name,
-            "psnr": float(metrics["psnr"][i]),
-            "ssim": float(metrics["ssim"][i]),
-            "rmse_hu": float(metrics["rmse"][i]),
-            "noise_std_hu": roi_std(images[name], flat_roi),
+            "psnr": scores[name]["psnr"],
+            "ssim": scores[name]["ssim"],
+            "rmse_hu": scores[name]["rmse"],
+            "noise_std_hu": noise[name],
             "seconds": seconds.get(name, float("nan")),
         }
         rows.append({**row, **parameters.get(name, {})})
     rows.append(
-        {
-            "patient": patient,
-            "slice": int(z),
-            "method": NORMAL_DOSE,
-            "noise_std_hu": roi_std(reference, flat_roi),
-        }
+        {"patient": patient, "slice": int(z), "method": NORMAL_DOSE, "noise_std_hu": noise[NORMAL_DOSE]}
     )
-    return rows
+    return rows, flat_roi
 
 
 def run_benchmark(
-    pairs: Iterable[tuple],
+    pairs: Iterable[PairSource],
     methods: Sequence[str],
     protocol: str = "paper",
-    denoiser: VolumeDenoiser | None = None,
+    denoise: Denoiser | None = None,
     max_slices: int | None = None,
     progress: bool = True,
     n_patients: int | None = None,
@@ -265,16 +188,14 @@ def run_benchmark(
     """Run every method on every selected low-dose slice and measure it against normal dose.
 
     Args:
-        pairs: ``(patient, low_dose, normal_dose)`` or ``(patient, low_dose, normal_dose, slices_oriented)``:
-            HU volumes shaped (1, X, Y, Z). A MetaTensor's affine orients the figures and gives the pixel
-            spacing of the NPS; ``slices_oriented`` (default False) says that ``volume[0, ..., z]`` is
-            already a slice in display orientation (rows anterior to posterior, as ``find_pairs`` reports
-            for Mayo npy slices), which then has no affine to go by.
+        pairs: ``find_pairs`` entries, or ``(patient, low_dose, normal_dose[, slices_oriented])`` HU volumes
+            shaped (1, X, Y, Z) (see :func:`ldct_clip.evaluation.score_pairs`). A MetaTensor's affine
+            orients the figures and gives the pixel spacing of the NPS.
         methods: names from ``parse_methods``: ``"clip"`` and/or baselines.
-        protocol: metric protocol of ``ldct_clip.metrics``: "paper", "redcnn" or "ldctbench".
-        denoiser: ``(volume, slices_oriented) -> volume`` in HU, required when ``"clip"`` is among the
-            methods; timed per volume of selected slices (after an untimed warm-up on up to 16 of them),
-            the time divided by the slices.
+        protocol: metric protocol: "paper", "redcnn" or "ldctbench".
+        denoise: the model, ``volume -> volume`` in HU (:data:`ldct_clip.evaluation.Denoiser`), required
+            when ``"clip"`` is among the methods; timed per volume of selected slices (after an untimed
+            warm-up on up to 16 of them), the time divided by the slices.
         max_slices: at most this many slices per patient, evenly spaced; None for all.
         progress: show a progress bar over slices x methods.
         n_patients: number of pairs, for the progress bar's total when ``pairs`` is a generator.
@@ -283,8 +204,9 @@ def run_benchmark(
         anatomy: window of the ``"ldctbench"`` protocol: "chest", "abdomen" or "head".
     """
     methods = parse_methods(methods)
-    if "clip" in methods and denoiser is None:
+    if "clip" in methods and denoise is None:
         raise InputError("method 'clip' needs the model: pass --weights FILE (a ldct-clip checkpoint)")
+    proto = get_protocol(protocol, anatomy)
     baselines = {m: get_baseline(m, noise_estimator) for m in methods if m != "clip"}
     result = BenchmarkResult(
         protocol=protocol,
@@ -296,89 +218,69 @@ def run_benchmark(
     result.descriptions = {m: b.describe() for m, b in baselines.items()}
     if "clip" in methods:
         result.descriptions["clip"] = (
-            "our CLIP-feature denoiser (the checkpoint given by --weights), slice by slice"
+            "our CLIP-feature denoiser (the bundle's weights or those given by --weights), slice by slice"
         )
 
-    nps = _NPSAccumulator()
+    nps = NPSAccumulator()
     patients: list[dict] = []
-    warmed_up = False
+    records = score_pairs(
+        pairs,
+        denoise if "clip" in methods else None,
+        (proto,),
+        max_slices=max_slices,
+        display=True,
+        warm_up=WARM_UP_SLICES,
+    )
     with tqdm(total=None, desc="benchmark", unit="slice-method", disable=not progress) as bar:
-        for pair in pairs:
-            patient, low_volume, full_volume = pair[:3]
-            oriented = bool(pair[3]) if len(pair) > 3 else False
-            low = _as_volume(low_volume, f"{patient} low dose")
-            full = _as_volume(full_volume, f"{patient} normal dose")
-            if low.shape != full.shape:
-                raise InputError(
-                    f"patient {patient}: low dose {tuple(low.shape)} and normal dose {tuple(full.shape)} differ "
-                    "in shape; give registered pairs of the same geometry"
-                )
-            affine = None if oriented else _affine(full_volume)
-            spacing = display_pixel_spacing(affine)
-
-            def show(slice_2d: np.ndarray, affine=affine, oriented=oriented) -> np.ndarray:
-                return (slice_2d if oriented else display_slice(slice_2d, affine)).astype(np.float64)
-
-            indices = select_slices(int(low.shape[-1]), max_slices)
+        for record in records:
+            indices, spacing = record.indices, record.pixel_spacing
             if bar.total is None and n_patients:
                 bar.total = len(indices) * len(methods) * n_patients
                 bar.refresh()
-            denoised = None
-            clip_seconds = float("nan")
-            if "clip" in methods:
-                sub = low[..., indices]
-                if not warmed_up:
-                    # Untimed: first calls pay for kernel selection and memory pools, per batch shape, and
-                    # a batch holds up to 16 slices (the GPU default).
-                    denoiser(low[..., indices[:WARM_UP_SLICES]], oriented)
-                    warmed_up = True
-                start = time.perf_counter()
-                denoised = _as_volume(denoiser(sub, oriented), f"{patient} denoised")
-                clip_seconds = (time.perf_counter() - start) / len(indices)
-                if denoised.shape != sub.shape:
-                    raise InputError(
-                        f"the model returned shape {tuple(denoised.shape)} for {tuple(sub.shape)}"
-                    )
-                denoised = denoised[0].detach().cpu().numpy()
+            if record.denoised is not None:
                 bar.update(len(indices))
             patients.append(
                 {
-                    "patient": patient,
-                    "shape": [int(s) for s in low.shape[1:]],
+                    "patient": record.patient,
+                    "shape": list(record.shape),
                     "slices": indices,
                     "pixel_spacing_mm": list(spacing) if spacing else None,
                 }
             )
+            model_scores = record.scores[proto.name]
             for position, z in enumerate(indices):
-                reference = show(full[0, ..., z].cpu().numpy())
-                images = {LOW_DOSE: show(low[0, ..., z].cpu().numpy())}
+                reference = record.display("full", position)
+                images = {LOW_DOSE: record.display("low", position)}
+                scores = {LOW_DOSE: {m: float(v[position]) for m, v in model_scores["input"].items()}}
                 seconds: dict[str, float] = {}
                 parameters: dict[str, dict[str, float]] = {}
                 for method in methods:
                     if method == "clip":
-                        images[method] = show(denoised[..., position])
-                        seconds[method] = clip_seconds
+                        images[method] = record.display("denoised", position)
+                        scores[method] = {m: float(v[position]) for m, v in model_scores["denoised"].items()}
+                        seconds[method] = record.seconds_per_slice
                         continue
                     start = time.perf_counter()
                     images[method] = baselines[method](images[LOW_DOSE]).astype(np.float64)
                     seconds[method] = time.perf_counter() - start
                     parameters[method] = dict(baselines[method].last_parameters)
+                    values = compute_ct_metrics(images[method], reference, proto)
+                    scores[method] = {m: float(v[0]) for m, v in values.items()}
                     bar.update(1)
 
                 # The ROIs are placed on normal dose, once per slice, and shared by every image.
-                flat_roi = find_flat_roi(reference, roi_size(reference.shape, 1 / 8, 8, 32))
-                nps_side = roi_size(reference.shape, 1 / 4, 8, 128)
-                nps.add(images, reference, find_flat_roi(reference, nps_side), spacing)
-                result.rows += _slice_rows(
-                    patient, z, images, reference, flat_roi, seconds, parameters, protocol, anatomy
+                rows, flat_roi = _slice_rows(
+                    record.patient, z, images, reference, scores, seconds, parameters
                 )
+                result.rows += rows
+                nps.add(images, reference, spacing)
                 if not result.figure and position == len(indices) // 2:
                     result.figure = {
-                        "patient": patient,
+                        "patient": record.patient,
                         "slice": int(z),
                         "images": {**images, NORMAL_DOSE: reference},
                         "flat_roi": flat_roi,
-                        "crop": find_detail_crop(reference, roi_size(reference.shape, 1 / 4, 16, 160)),
+                        "crop": find_detail_crop(reference, roi_size(reference.shape, *DETAIL_CROP)),
                     }
     if not result.rows:
         raise InputError("no low-/normal-dose pair found to benchmark")
@@ -387,7 +289,7 @@ def run_benchmark(
         "patients": patients,
         "n_patients": len(patients),
         "n_slices": sum(len(p["slices"]) for p in patients),
-        "nps_roi_px": nps.key[1] if nps.key else None,
+        "nps_roi_px": nps.roi_px,
         "nps_slices": nps.slices,
         "pixel_spacing_known": all(p["pixel_spacing_mm"] for p in patients),
     }
@@ -413,18 +315,19 @@ def write_benchmark_report(
     fig = result.figure
     labels = {_label(n): image for n, image in fig["images"].items()}
     where = f"{fig['patient']}, slice {fig['slice']}"
-    paths["slices"] = plot_slices(
-        labels, result.window, out / "slices.png", crop=fig["crop"], flat_roi=fig["flat_roi"], title=where
+    paths["slices"] = save_figure(
+        plot_slices(labels, result.window, crop=fig["crop"], flat_roi=fig["flat_roi"], title=where),
+        out / "slices.png",
     )
     reference = fig["images"][NORMAL_DOSE]
     diffs = {_label(n): image for n, image in fig["images"].items() if n != NORMAL_DOSE}
-    paths["differences"] = plot_differences(diffs, reference, out / "differences.png", title=where)
+    paths["differences"] = save_figure(
+        plot_differences(diffs, reference, title=where), out / "differences.png"
+    )
     if result.nps:
-        paths["nps"] = plot_nps(
-            {_label(n): c for n, c in result.nps.items()},
-            out / "nps.png",
-            spacing_known=bool(result.data.get("pixel_spacing_known")),
-        )
+        curves = {_label(n): c for n, c in result.nps.items()}
+        spacing_known = bool(result.data.get("pixel_spacing_known"))
+        paths["nps"] = save_figure(plot_nps(curves, spacing_known=spacing_known), out / "nps.png")
 
     summary = result.summary()
     paths["csv"] = write_csv(result.rows, out / "benchmark.csv")
@@ -496,12 +399,12 @@ def _report_markdown(
         "",
         "## Protocol",
         "",
-        f"- Metrics: `{result.protocol}` (`ldct_clip.metrics`, `{proto.name}`): HU truncated to [{proto.trunc[0]:g}, "
+        f"- Metrics: `{result.protocol}` (`ldct_clip.evaluation`, `{proto.name}`): HU truncated to [{proto.trunc[0]:g}, "
         f"{proto.trunc[1]:g}]{', scaled to [0, 1]' if proto.windowed else ''}, data range {proto.data_range:g}, "
         f"SSIM window {proto.ssim_window}, RMSE on HU clipped to [{proto.rmse_clip[0]:g}, {proto.rmse_clip[1]:g}]. "
         "Per slice, then averaged.",
         "- Noise std: sample standard deviation inside the k x k window (k = 1/8 of the image side, 8 to 32 px) "
-        "where the normal-dose slice is flattest inside the body (HU > -500); the window is chosen once per "
+        f"where the normal-dose slice is flattest inside the body (HU > {BODY_THRESHOLD_HU:g}); the window is chosen once per "
         "slice on normal dose and reused for every image, so all are measured on the same pixels. The "
         "normal-dose value is biased low by that choice.",
         f"- Noise power spectrum: 2-D NPS of (image - normal dose) in the flattest {data.get('nps_roi_px')} x "

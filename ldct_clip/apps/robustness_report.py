@@ -1,10 +1,11 @@
-"""Robustness to unseen noise: run a noise suite over clean images, denoise, score, report.
+"""The robustness report: run a noise suite over clean images, denoise, score, report.
 
 The protocol of the reference's synthetic test script (``alwaysuu/CLIPDenoising``,
 ``Denoising/test_synthetic_denoising.py``): for every noise type and level, every clean image gets noise
 drawn with the generator reset to seed 0 (:mod:`ldct_clip.transforms.noise`), the noisy image is
-reflect-padded to a multiple of 32, denoised, cropped back, and scored against the clean image with
-:func:`ldct_clip.metrics_rgb.rgb_metrics` (clamp, x255, PSNR over all channels, MATLAB SSIM). The noisy input is
+reflect-padded to a multiple of 32 (:func:`ldct_clip.networks.pad_to_multiple`), denoised, cropped back,
+and scored against the clean image with :func:`ldct_clip.evaluation.rgb_metrics` (clamp, x255, PSNR over
+all channels, MATLAB SSIM). The noisy input is
 scored the same way, so each row shows what the denoiser gained.
 
 Outputs of :func:`write_robustness_report`: ``robustness.csv`` (mean PSNR/SSIM per noise type and level,
@@ -23,9 +24,10 @@ import torch
 from tqdm import tqdm
 
 from ldct_clip.errors import InputError
-from ldct_clip.io.atomic import atomic_output
+from ldct_clip.evaluation import plot_robustness, rgb_metrics, save_figure, write_csv
 from ldct_clip.io.images import load_image
-from ldct_clip.metrics_rgb import crop_to, pad_to_multiple, rgb_metrics
+from ldct_clip.io.staging import staged_output
+from ldct_clip.networks import pad_to_multiple
 from ldct_clip.transforms.noise import make_noise
 
 __all__ = ["denoise_image", "evaluate_robustness", "summarise_robustness", "write_robustness_report"]
@@ -37,9 +39,9 @@ Denoiser = Callable[[torch.Tensor], torch.Tensor]
 def denoise_image(denoiser: Denoiser, image: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     """Denoise one (C, H, W) image the reference's way: reflect-pad bottom/right to ``multiple``, run the
     denoiser on the (1, C, H', W') batch, crop back. Returns (C, H, W) on the input's device, unclamped."""
-    padded, size = pad_to_multiple(image.unsqueeze(0), multiple)
-    output = denoiser(padded)
-    return crop_to(output, size)[0].to(image.device)
+    height, width = image.shape[-2:]
+    output = denoiser(pad_to_multiple(image.unsqueeze(0), multiple))
+    return output[0, :, :height, :width].to(image.device)
 
 
 def _named_images(images: Sequence[str | os.PathLike | tuple[str, torch.Tensor]], channels: int | None):
@@ -68,7 +70,8 @@ def evaluate_robustness(
             in eval mode, or a function that moves data to a GPU and back).
         images: image files, or ``(name, (C, H, W) tensor in [0, 1])`` pairs.
         suite: noise type -> levels, e.g. ``NOISE_SUITES["paper"]``.
-        protocol: metric protocol of :func:`ldct_clip.metrics_rgb.rgb_metrics` ("synthetic" for these noises).
+        protocol: RGB metric protocol of :func:`ldct_clip.evaluation.rgb_metrics` ("synthetic" for these
+            noises).
         channels: channels the denoiser takes (grey images are repeated to RGB for 3); None keeps the files'.
         fixed_seed: seed the generator is reset to before each image (0: the reference protocol).
         multiple: padding multiple (32 in the reference).
@@ -155,35 +158,6 @@ def _markdown(summary: Sequence[Mapping[str, object]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(summary: Sequence[Mapping[str, object]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, as in ldct_clip.reporting
-    import matplotlib.pyplot as plt
-
-    noises = list(dict.fromkeys(str(s["noise"]) for s in summary))
-    fig, axes = plt.subplots(2, len(noises), figsize=(3.6 * len(noises), 6), squeeze=False)
-    for column, noise in enumerate(noises):
-        entries = [s for s in summary if s["noise"] == noise]
-        levels = [float(s["level"]) for s in entries]
-        for row, metric in enumerate(("psnr", "ssim")):
-            ax = axes[row][column]
-            noisy = [float(s[f"{metric}_noisy"]) for s in entries]
-            denoised = [float(s[f"{metric}_denoised"]) for s in entries]
-            ax.plot(levels, noisy, "o--", color="0.5", label="noisy input")
-            ax.plot(levels, denoised, "o-", color="C0", label="denoised")
-            ax.set_xlabel(_LEVEL_LABELS.get(noise, "level"))
-            ax.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM")
-            if row == 0:
-                ax.set_title(noise)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(loc="best", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_robustness_report(
     rows: Sequence[Mapping[str, object]],
     output_dir: str | os.PathLike,
@@ -196,16 +170,14 @@ def write_robustness_report(
     Returns:
         ``{"csv": path, "markdown": path, "figure": path}``.
     """
-    from ldct_clip.reporting import write_csv
-
     if not rows:
         raise InputError("no robustness results to report")
     summary = summarise_robustness(rows)
     output_dir = Path(output_dir)
-    with atomic_output(output_dir, overwrite=overwrite, is_dir=True) as tmp:
+    with staged_output(output_dir, overwrite=overwrite, is_dir=True) as tmp:
         write_csv(summary, tmp / "robustness.csv")
         (tmp / "robustness.md").write_text(_markdown(summary, title))
-        _figure(summary, tmp / "robustness.png", title)
+        save_figure(plot_robustness(summary, title, _LEVEL_LABELS), tmp / "robustness.png")
     return {
         "csv": output_dir / "robustness.csv",
         "markdown": output_dir / "robustness.md",

@@ -1,0 +1,1 @@
+"""Applications built on the core library: the PACS listener, demo and reports."""
