@@ -29,17 +29,14 @@ import torch  # noqa: E402
 from skimage import data, transform  # noqa: E402
 from skimage.color.colorconv import rgb_from_xyz, xyz_from_rgb  # noqa: E402
 
-from ldct_clip.transforms.isp import (  # noqa: E402
+from ldct_clip.transforms.camera_response import CameraResponse, ParametricResponse  # noqa: E402
+from ldct_clip.transforms.isp import CameraParameters, CameraPipelineNoise, run_camera_pipeline  # noqa: E402
+from ldct_clip.transforms.mosaic import (  # noqa: E402
     _G_AT_RB,
     _RB_AT_BR,
     _RB_AT_G_COL,
     _RB_AT_G_ROW,
-    CameraParameters,
-    CameraPipelineNoise,
-    CameraResponse,
-    ParametricResponse,
     bayer_masks,
-    run_camera_pipeline,
 )
 
 

@@ -26,7 +26,8 @@ from ldct_clip.errors import InputError, LdctClipError
 from ldct_clip.io.images import list_images, load_image, save_image
 from ldct_clip.io.preflight import check_output
 from ldct_clip.io.staging import staged_output
-from ldct_clip.transforms.isp import CameraPipelineNoise, load_crf_mat, load_dorf_curves
+from ldct_clip.transforms.camera_response import load_crf_mat, load_dorf_curves
+from ldct_clip.transforms.isp import CameraPipelineNoise
 
 
 def make_srgb_pairs(

@@ -16,6 +16,10 @@
   ``"LPS"`` (columns towards the patient's left, rows towards posterior): that of the training slices.
 - **Display windows.** Named (lower, upper) HU windows, :data:`WINDOWS`; figures and protocols use them by
   name.
+- **Simulated low dose.** The defaults of the projection-domain simulation (``ldct_clip.simulation``), shared
+  by ``ldct-clip simulate``, the training noise, the demo and the data preparation: the full-dose photon
+  count calibrated to the Mayo-2016-like quarter-dose noise (see ``ldct_clip.simulation.physics``), the
+  electronic noise, the number of views, and the filters the noise may be reconstructed with.
 
 Pure numbers and arithmetic only (no torch import): works on numpy arrays and torch tensors alike.
 """
@@ -28,6 +32,10 @@ from typing import TypeVar
 __all__ = [
     "AIR_HU",
     "BODY_THRESHOLD_HU",
+    "DEFAULT_ELECTRONIC_NOISE",
+    "DEFAULT_N_VIEWS",
+    "DEFAULT_PHOTONS",
+    "FBP_FILTERS",
     "FOV_PADDING_THRESHOLD_HU",
     "HU_RANGE",
     "ORIENTATION",
@@ -60,6 +68,16 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "head": (40.0 - 80.0 / 2, 40.0 + 80.0 / 2),
     "full": HU_RANGE,
 }
+
+#: Full-dose photons per view (1 mm bin, 3 mm slice, 1000 views) of the simulation: quarter dose then adds
+#: about 20 HU of noise in a 300 mm water cylinder.
+DEFAULT_PHOTONS: float = 6.9e6
+#: Electronic noise of the simulated detector, standard deviation in counts.
+DEFAULT_ELECTRONIC_NOISE: float = 10.0
+#: Projection angles over 180 degrees of the simulation.
+DEFAULT_N_VIEWS: int = 720
+#: Filters the simulated noise may be reconstructed with (scikit-image's FBP filters).
+FBP_FILTERS: tuple[str, ...] = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
 T = TypeVar("T")
 

@@ -176,3 +176,11 @@ def test_weights_default_to_the_bundles_model(data, tmp_path):
     shutil.copy(data["weights"], bundle / "models" / "model.pt")  # a user's own weights: no sha256 check
     assert denoise(data["series"], tmp_path / "out", "--bundle", bundle) == 0
     assert load_ct(tmp_path / "out").shape == (1, 64, 64, 4)
+
+
+def test_an_oversized_batch_is_reduced_with_a_note(data, tmp_path, capsys):
+    # 64x64 slices are small: a million of them would need ~4 TB of working memory
+    assert denoise(data["series"], tmp_path / "out", "--weights", data["weights"], "--batch", "1000000") == 0
+    captured = capsys.readouterr()
+    assert "batch of 1000000 slices reduced to" in captured.err
+    assert captured.out.startswith("denoised 4 slices")

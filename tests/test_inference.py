@@ -188,3 +188,18 @@ def test_resolve_amp():
 def test_bad_volume_shape_is_an_input_error(tiny):
     with pytest.raises(InputError, match=r"\(1, X, Y, Z\)"):
         denoise_volume(torch.zeros(2, 8, 8, 2), tiny, device="cpu")
+
+
+def test_a_batch_larger_than_the_memory_budget_is_reduced_and_said(caplog):
+    from ldct_clip.inference.memory import CPU_WORKING_BUDGET, bounded_batch_size, working_set_bytes
+
+    with caplog.at_level("WARNING", logger="ldct_clip.inference.memory"):
+        assert bounded_batch_size(2, 512, 512, "cpu") == 2  # the default fits: nothing said
+        assert not caplog.records
+        fits = bounded_batch_size(1_000_000, 512, 512, "cpu")
+    # the largest batch whose working set stays within the budget (1.5 GB on top of the volume)
+    assert working_set_bytes(fits, 512, 512) <= CPU_WORKING_BUDGET < working_set_bytes(fits + 1, 512, 512)
+    assert 2 <= fits <= 8
+    (record,) = caplog.records
+    assert "batch of 1000000 slices reduced to" in record.getMessage()
+    assert bounded_batch_size(1_000_000, 8, 8, "cpu") > 1000  # tiny slices: a big batch fits

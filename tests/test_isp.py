@@ -7,20 +7,16 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
 from ldct_clip.errors import InputError
+from ldct_clip.transforms.camera_response import CameraResponse, ParametricResponse, load_dorf_curves
 from ldct_clip.transforms.isp import (
-    BAYER_PATTERNS,
     XYZ_TO_CAMERA_MATRICES,
     CameraPipelineNoise,
     CameraPipelineNoised,
-    CameraResponse,
-    ParametricResponse,
     add_raw_noise,
-    demosaic_malvar,
     linear_to_srgb,
-    load_dorf_curves,
-    mosaic,
     srgb_to_linear,
 )
+from ldct_clip.transforms.mosaic import BAYER_PATTERNS, demosaic_malvar, mosaic
 
 
 def _smooth_image(h: int = 96, w: int = 128) -> np.ndarray:

@@ -160,3 +160,12 @@ def test_import_reference_refuses_bad_input_and_existing_output(tmp_path, capsys
     assert main(["import-reference", str(broken), str(fresh)]) == 2
     assert "missing key(s)" in capsys.readouterr().err
     assert not fresh.exists()
+
+
+def test_the_command_line_choices_are_the_librarys():
+    from ldct_clip.cli import import_reference
+    from ldct_clip.networks.denoiser import ENCODER_BN_MODES
+    from ldct_clip.networks.reference import REFERENCE_KEYS
+
+    assert import_reference.REFERENCE_KEYS == REFERENCE_KEYS
+    assert import_reference.ENCODER_BN_MODES == ENCODER_BN_MODES

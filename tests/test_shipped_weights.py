@@ -43,3 +43,31 @@ def test_demo_with_the_shipped_weights_beats_the_low_dose_input(tmp_path):
     assert result.psnr_gain > 1.0, metrics
     assert metrics["ssim_denoised"] > metrics["ssim_low_dose"]
     assert metrics["noise_std_denoised"] < 0.5 * metrics["noise_std_low_dose"]
+
+
+def test_a_series_denoised_with_the_demo_weights_says_so_in_the_pacs(tmp_path):
+    """Provenance: the derived series names the weights (12-hex sha256 prefix), the bundle and its version,
+    the ldct-clip version, and says "demo weights" where a PACS lists series."""
+    import pydicom
+    from denoise_helpers import phantom_series
+
+    import ldct_clip
+    from ldct_clip.cli import main
+
+    series = phantom_series(tmp_path / "series")
+    out = tmp_path / "out"
+    assert main(["denoise", str(series), str(out), "--device", "cpu", "--no-progress"]) == 0
+    shipped = json.loads((resolve_bundle() / "configs" / "metadata.json").read_text())
+    for path in sorted(out.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        assert "demo weights" in ds.SeriesDescription
+        assert shipped["shipped_weights"]["sha256"][:12] in ds.DerivationDescription
+        assert (
+            "lowdose_ct_denoising" in ds.DerivationDescription
+            and shipped["version"] in ds.DerivationDescription
+        )
+        (equipment,) = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "ldct-clip"]
+        assert ldct_clip.__version__ in str(equipment.SoftwareVersions)
+    sidecar = json.loads((out / "ldct-clip-manifest.json").read_text())
+    assert sidecar["provenance"]["weights_sha256"] == shipped["shipped_weights"]["sha256"]
+    assert sidecar["provenance"]["demo_weights"] is True

@@ -23,9 +23,11 @@ from typing import Any
 
 import pydicom
 
+from ldct_clip.bundles import DEFAULT_CT_BUNDLE, BundlePipeline
 from ldct_clip.errors import LdctClipError
 from ldct_clip.io.dicom_series import is_dicom_file
 from ldct_clip.io.dimse import DicomAddress, SeriesSpool, StorageSCP, parse_dicom_address, send_folder
+from ldct_clip.io.jobs import plan_ct_jobs
 from ldct_clip.io.provenance import is_denoising_contribution
 
 __all__ = ["BundleDenoiser", "DenoiseFolder", "SeriesListener", "run_listener"]
@@ -54,16 +56,11 @@ class BundleDenoiser:
     def load(self) -> None:
         """Build the pipeline and read the weights now (a bad bundle or weights file fails at start-up)."""
         if self._pipeline is None:
-            # imported here: a listener given another denoiser never needs MONAI's bundle machinery
-            from ldct_clip.bundles import DEFAULT_CT_BUNDLE, BundlePipeline
-
             pipeline = BundlePipeline(self.bundle or DEFAULT_CT_BUNDLE, overrides=self.overrides)
-            pipeline.get("checkpoint_loader").load()
+            pipeline.load_weights()
             self._pipeline = pipeline
 
     def __call__(self, source_dir: Path, output_dir: Path) -> Path:
-        from ldct_clip.io.jobs import plan_ct_jobs
-
         self.load()
         self._pipeline.run(plan_ct_jobs(source_dir, output_dir, output_format="dicom"))
         return Path(output_dir)

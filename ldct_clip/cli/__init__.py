@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from ldct_clip import __version__
@@ -17,6 +18,7 @@ from ldct_clip.errors import LdctClipError
 COMMAND_MODULES = (
     "info",
     "import_reference",
+    "export",
     "benchmark",
     "simulate",
     "denoise",
@@ -40,8 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Notes of the library (``ldct_clip`` loggers, warnings and up) as ``ldct-clip COMMAND: message`` lines on
+    the stderr of the moment (tests swap it)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"ldct-clip {command}: %(message)s"))
+        self.setLevel(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes = logging.getLogger("ldct_clip")
+    handler = _StderrHandler(args.command)
+    notes.addHandler(handler)
     try:
         # after parsing: --help and usage errors never pay for the import
         from ldct_clip.io.staging import install_signal_handlers
@@ -54,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ldct-clip {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        notes.removeHandler(handler)
 
 
 if __name__ == "__main__":

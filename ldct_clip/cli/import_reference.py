@@ -6,15 +6,11 @@ import argparse
 from pathlib import Path
 
 from ldct_clip.errors import OutputError
-from ldct_clip.networks import (
-    CLIPDenoiser,
-    infer_network_config,
-    load_reference_state_dict,
-    read_reference_checkpoint,
-    save_checkpoint,
-)
-from ldct_clip.networks.denoiser import ENCODER_BN_MODES
-from ldct_clip.networks.reference import REFERENCE_KEYS
+
+# The choices of ldct_clip.networks.reference.REFERENCE_KEYS and ldct_clip.networks.denoiser.ENCODER_BN_MODES,
+# spelled out so that building the parser imports no torch (tests/test_import_reference checks they agree).
+REFERENCE_KEYS = ("params", "params_ema")
+ENCODER_BN_MODES = ("batch_stats", "frozen")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,24 +46,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="batch_stats",
         help="encoder BatchNorm mode to store",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if an earlier import-reference wrote it"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldct_clip.io.preflight import check_output
+    from ldct_clip.io.staging import staged_output
+    from ldct_clip.networks import (
+        CLIPDenoiser,
+        infer_network_config,
+        load_reference_state_dict,
+        read_reference_checkpoint,
+        save_checkpoint,
+    )
+
     source, output = Path(args.checkpoint), Path(args.output)
-    if output.exists() and output.resolve() == source.resolve():
-        raise OutputError(f"output {output} is the input checkpoint; choose another output path")
-    if output.exists() and not args.overwrite:
-        raise OutputError(f"{output} exists; choose another output path or pass --overwrite")
     if not output.parent.is_dir():
         raise OutputError(f"folder {output.parent} does not exist; create it first")
+    check_output(source, output, args.overwrite, is_dir=False)  # never over a file ldct-clip did not write
     state = read_reference_checkpoint(source, key=args.key)
     config = infer_network_config(state)
     model = CLIPDenoiser(**config, aug_level=args.aug_level, encoder_bn=args.encoder_bn)
     load_reference_state_dict(model, state)
     dropped = sum(1 for k in state if k.startswith(("encoder.layer4.", "encoder.attnpool.")))
-    save_checkpoint(output, model, extra={"imported_from": str(source)})
+    with staged_output(output, overwrite=args.overwrite) as staging:
+        save_checkpoint(staging, model, extra={"imported_from": str(source)})
     shown = ", ".join(f"{k}={v}" for k, v in model.config.items())
     print(
         f"imported {len(state) - dropped} tensors from {source} (dropped {dropped} unused encoder.layer4 tensors)"

@@ -14,13 +14,8 @@ import time
 from pathlib import Path
 
 import ldct_clip
+from ldct_clip.conventions import DEFAULT_ELECTRONIC_NOISE, DEFAULT_N_VIEWS, DEFAULT_PHOTONS, FBP_FILTERS
 from ldct_clip.errors import InputError
-from ldct_clip.simulation import (
-    DEFAULT_ELECTRONIC_NOISE,
-    DEFAULT_N_VIEWS,
-    DEFAULT_PHOTONS,
-    FILTERS,
-)
 
 #: File name of the NIfTI output when the output path is a folder.
 NIFTI_NAME = "simulated.nii.gz"
@@ -85,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slice thickness in mm (default: the DICOM SliceThickness, else the slice spacing)",
     )
     parser.add_argument(
-        "--filter", choices=FILTERS, default="ramp", help="FBP filter of the noise (default: ramp)"
+        "--filter", choices=FBP_FILTERS, default="ramp", help="FBP filter of the noise (default: ramp)"
     )
     parser.add_argument(
         "--no-modulation",

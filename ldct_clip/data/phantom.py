@@ -20,9 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from scipy.ndimage import gaussian_filter
+
+from ldct_clip.io.dicom_writer import encode_pixels, write_dataset
+from ldct_clip.io.nifti import save_nifti
+from ldct_clip.io.provenance import Provenance
+from ldct_clip.io.staging import fault_point, staged_output
 
 __all__ = [
     "AIR_HU",
@@ -257,9 +263,6 @@ def write_phantom_dicom(
     Returns:
         the output folder.
     """
-    from ldct_clip.io.dicom_writer import encode_pixels, write_dataset
-    from ldct_clip.io.provenance import Provenance
-    from ldct_clip.io.staging import fault_point, staged_output
 
     vol = make_phantom(size, slices, spacing, seed, fov_padding) if volume is None else volume
     hu = np.asarray(vol.detach().cpu().numpy() if isinstance(vol, torch.Tensor) else vol, dtype=np.float32)[0]
@@ -275,8 +278,6 @@ def write_phantom_dicom(
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
-    from pydicom.dataset import Dataset
-    from pydicom.uid import CTImageStorage
 
     provenance = Provenance(task=f"synthetic phantom seed {seed}")
     with staged_output(
@@ -339,8 +340,6 @@ def write_phantom_dicom(
 
 def write_phantom_nifti(path: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
     """Write :func:`make_phantom` (``kwargs``) as a NIfTI file of int16 HU."""
-    from ldct_clip.io.nifti import save_nifti
-    from ldct_clip.io.provenance import Provenance
 
     provenance = Provenance(task=f"synthetic phantom seed {kwargs.get('seed', 0)}")
     return save_nifti(make_phantom(**kwargs), path, overwrite=overwrite, provenance=provenance)

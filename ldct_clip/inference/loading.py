@@ -113,10 +113,6 @@ class WeightsLoader(CheckpointLoader):
     @property
     def provenance(self) -> Provenance:
         """What made the outputs: weights name and sha256, bundle, ldct-clip version (after :meth:`load`)."""
-        from ldct_clip.io.provenance import (
-            Provenance,  # INTEGRATION: move to the top once io.provenance lands
-        )
-
         if self.sha256 is None:
             self.load()
         return Provenance(

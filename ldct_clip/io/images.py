@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 from monai.data import ImageReader, MetaTensor, PILReader, PILWriter
 from monai.transforms import LoadImage
@@ -78,8 +79,6 @@ class HighDepthImageReader(ImageReader):
     @staticmethod
     def _read_one(path: Path) -> np.ndarray:
         if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-
             array = np.asarray(tifffile.imread(path))
         else:
             import SimpleITK as sitk
@@ -225,8 +224,6 @@ def _write_file(array_chw: np.ndarray, path: Path, quality: int) -> None:
     suffix = path.suffix.lower()
     hwc = np.moveaxis(array_chw, 0, -1)
     if suffix in _TIFF_SUFFIXES:
-        import tifffile
-
         channels = hwc.shape[-1]
         tifffile.imwrite(
             path, hwc if channels == 3 else hwc[..., 0], photometric="rgb" if channels == 3 else "minisblack"

@@ -181,7 +181,7 @@ def check_output_path(
             )
     if out.exists() and not overwrite:
         raise OutputError(
-            f"output {out} already exists; remove it, choose another path or pass overwrite=True"
+            f"output {out} already exists; remove it, choose another path or pass --overwrite (Python: overwrite=True)"
         )
     return out
 

@@ -178,7 +178,7 @@ def _check_existing(final: Path, overwrite: bool, is_dir: bool) -> None:
     if final.exists() or final.is_symlink():
         if not overwrite:
             raise OutputError(
-                f"output {final} already exists; remove it, choose another path or pass overwrite=True"
+                f"output {final} already exists; remove it, choose another path or pass --overwrite (Python: overwrite=True)"
             )
         if final.is_symlink():
             raise OutputError(f"will not replace {final}: it is a symbolic link; choose another output")

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import open_clip
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from safetensors.torch import load_file as load_safetensors
 
 from ldct_clip.errors import WeightsError
 from ldct_clip.networks.encoder import UNUSED_ENCODER_PREFIXES
@@ -50,12 +53,7 @@ def hub_offline() -> bool:
     """Whether downloads are switched off (``HF_HUB_OFFLINE``, read now and as huggingface_hub saw it)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
         return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
+    return bool(hf_constants.HF_HUB_OFFLINE)
 
 
 def pretrained_cfg(clip_model: str, tag: str) -> dict:
@@ -106,16 +104,11 @@ def cached_pretrained_file(clip_model: str, tag: str, cache_dir: str | None = No
         return Path(cfg["file"])
     hub = _hub_candidates(cfg)
     if hub is not None:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            repo_id, names = hub
-            for name in names:
-                found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-                if isinstance(found, str) and Path(found).is_file():
-                    return Path(found)
+        repo_id, names = hub
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
     url_file = _url_cache_file(cfg, cache_dir)
     if url_file is not None and url_file.is_file():
         return url_file
@@ -200,9 +193,7 @@ def _is_torchscript(path: Path) -> bool:
 
 def _read_any(path: Path) -> object:
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return load_safetensors(str(path), device="cpu")
     if _is_torchscript(path):
         # OpenAI's released RN50.pt is a TorchScript archive; only its tensors are used.
         return torch.jit.load(str(path), map_location="cpu").state_dict()

@@ -8,7 +8,9 @@ sizes).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import os
 import warnings
 from pathlib import Path
@@ -89,8 +91,9 @@ def export_onnx(
     }
     names = _forward_arg_names(model)
     name = names[0] if names else "x"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+    # the exporter prints its progress and warns about tracing details: chatter for our users
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
             (example,),

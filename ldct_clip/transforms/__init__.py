@@ -1,5 +1,9 @@
 """MONAI-style array and dictionary transforms: HU normalisation and windows, noise models, camera pipeline."""
 
+from ldct_clip.transforms.camera_response import CameraResponse as CameraResponse
+from ldct_clip.transforms.camera_response import ParametricResponse as ParametricResponse
+from ldct_clip.transforms.camera_response import load_crf_mat as load_crf_mat
+from ldct_clip.transforms.camera_response import load_dorf_curves as load_dorf_curves
 from ldct_clip.transforms.ct_noise import TRAIN_NOISE_STD as TRAIN_NOISE_STD
 from ldct_clip.transforms.ct_noise import CTGaussianNoise as CTGaussianNoise
 from ldct_clip.transforms.ct_noise import CTGaussianNoised as CTGaussianNoised
@@ -15,10 +19,6 @@ from ldct_clip.transforms.intensity import WindowHUd as WindowHUd
 from ldct_clip.transforms.io import LoadCT, LoadCTd, LoadImaged, SaveCT, SaveCTd, SaveImaged
 from ldct_clip.transforms.isp import CameraPipelineNoise as CameraPipelineNoise
 from ldct_clip.transforms.isp import CameraPipelineNoised as CameraPipelineNoised
-from ldct_clip.transforms.isp import CameraResponse as CameraResponse
-from ldct_clip.transforms.isp import ParametricResponse as ParametricResponse
-from ldct_clip.transforms.isp import load_crf_mat as load_crf_mat
-from ldct_clip.transforms.isp import load_dorf_curves as load_dorf_curves
 from ldct_clip.transforms.noise import NOISE_SUITES as NOISE_SUITES
 from ldct_clip.transforms.noise import GaussianNoise as GaussianNoise
 from ldct_clip.transforms.noise import GaussianNoised as GaussianNoised

@@ -26,7 +26,7 @@ from ldct_clip.errors import InputError
 from ldct_clip.io import load_ct, load_image, save_dicom_series, save_image, save_nifti
 from ldct_clip.io.dicom_series import DicomSeries
 from ldct_clip.io.handlers import StagedFolder
-from ldct_clip.io.jobs import DICOM_SUBDIR, NIFTI_NAME, check_outputs
+from ldct_clip.io.jobs import DICOM_SUBDIR, NIFTI_NAME, plan_outputs
 from ldct_clip.io.staging import staged_output
 
 __all__ = ["LoadCT", "LoadCTd", "LoadImaged", "SaveCT", "SaveCTd", "SaveImaged"]
@@ -96,8 +96,9 @@ class SaveCT(Transform):
 
     The DICOM series is derived from the volume's source series (``meta["source_path"]``): same patient,
     study and frame of reference, a new series carrying the provenance (weights and their sha256, bundle,
-    ldct-clip version). Every target is checked before anything is written and written atomically (both
-    formats: the whole folder at once). The written paths are recorded in ``meta["saved_to"]``.
+    ldct-clip version). Each target is staged and published atomically (both formats: the whole folder at
+    once), never over anything but an unchanged ldct-clip output; check the outputs before computing with
+    :func:`ldct_clip.io.jobs.plan_ct_jobs`. The written paths are recorded in ``meta["saved_to"]``.
 
     Args:
         output: output folder (or ``.nii.gz`` file for NIfTI only).
@@ -133,7 +134,9 @@ class SaveCT(Transform):
         if source is None:
             raise InputError("the volume carries no meta['source_path']: load it with ldct_clip.io.load_ct")
         kind = str(meta.get("source_kind", ""))
-        targets = check_outputs(source, self.output, self.output_format, kind, self.overwrite)
+        # the layout only: job planning checked every output before anything was computed, and the writers
+        # publish through staged_output, which refuses anything that is not an unchanged ldct-clip output
+        targets = plan_outputs(self.output, self.output_format, kind)
         provenance = _provenance(self.provenance)
         dicom_source = series if series is not None else source
         if len(targets) > 1:
