@@ -215,3 +215,26 @@ def test_invalid_arguments_give_clear_errors(kwargs, fragment):
 def test_wrong_input_shape_is_an_input_error():
     with pytest.raises(InputError, match=r"\(B, 1, H, W\)"):
         CLIPDenoiser(**TINY)(torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("channels, bias", [(1, False), (3, True)])
+def test_inference_ops_equal_forward(channels, bias):
+    # CLIPDenoiser.infer (what the inference backends run) equals forward up to float rounding, in both
+    # memory formats
+    model = CLIPDenoiser(in_channels=channels, out_channels=channels, bias=bias, **TINY).eval()
+    x = torch.rand(2, channels, 97, 131)
+    with torch.no_grad():
+        expected = model(x)
+        assert rel_error(model.infer(x), expected) < 1e-5
+        model.to(memory_format=torch.channels_last)
+        assert rel_error(model.infer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("out_channels", [1, 3])
+def test_conv3x3_by_taps_equals_conv2d(out_channels):
+    from ldct_clip.networks.decoder import conv3x3_by_taps
+
+    x = torch.rand(2, 8, 13, 9)
+    weight, bias = torch.randn(out_channels, 8, 3, 3), torch.randn(out_channels)
+    torch.testing.assert_close(conv3x3_by_taps(x, weight, bias), F.conv2d(x, weight, bias, padding=1))
+    torch.testing.assert_close(conv3x3_by_taps(x, weight), F.conv2d(x, weight, padding=1))

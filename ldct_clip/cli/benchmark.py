@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ldct_clip.cli.overrides import add_set_option, parse_set_options
+from ldct_clip.cli.overrides import add_model_options, model_overrides
 from ldct_clip.errors import InputError, OutputError, WeightsError
 
 METHODS_HELP = "comma-separated: clip (our model), nlm, tv, bm3d (needs `pip install bm3d`)"
@@ -36,12 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--methods", default="clip,nlm,tv", help=f"{METHODS_HELP} (default: clip,nlm,tv)")
     parser.add_argument(
-        "--weights",
-        type=Path,
-        default=None,
-        help="model checkpoint (.pt) for clip; default: the CT bundle's shipped models/model.pt",
-    )
-    parser.add_argument(
         "--protocol",
         default="paper",
         choices=("paper", "redcnn", "ldctbench"),
@@ -54,7 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="window of the ldctbench protocol (default: abdomen)",
     )
     parser.add_argument("--output", type=Path, required=True, help="folder to create for the report")
-    parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:N")
     parser.add_argument(
         "--max-slices",
         type=int,
@@ -70,12 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--bundle",
-        default=None,
-        help="CT bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
+    add_model_options(
+        parser,
+        weights_help="model checkpoint (.pt) for clip; default: the CT bundle's shipped models/model.pt",
+        bundle_help="CT bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
     )
-    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -114,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.pairs)
     denoise = None
     if "clip" in methods:
-        overrides = {"device": args.device, "progress": False, "inplace": False, "jobs": []}
-        if args.weights is not None:
-            overrides["ckpt_path"] = str(args.weights.expanduser().resolve())
-        overrides.update(parse_set_options(args.set))
+        overrides = {"progress": False, "inplace": False, "jobs": [], **model_overrides(args)}
         pipeline = BundlePipeline(args.bundle or DEFAULT_CT_BUNDLE, overrides=overrides)
         pipeline.load_weights()
         denoise = pipeline.denoiser()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldct_clip.cli.overrides import add_set_option, parse_set_options
+from ldct_clip.cli.overrides import add_model_options, model_overrides
 from ldct_clip.errors import InputError, LdctClipError
 
 OUTPUT_FORMATS = ("auto", "dicom", "nifti", "both")
@@ -44,31 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "output",
         help="output folder (DICOM, both, or --recursive), a .nii.gz file for --format nifti, or a DICOMweb root",
     )
-    parser.add_argument(
-        "--bundle",
-        default=None,
-        help="MONAI bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        default=None,
-        help=f"model weights (.pt); default: the bundle's models/model.pt (the low-dose CT bundle ships demo "
-        f"weights); {WEIGHTS_HELP}",
+    add_model_options(
+        parser,
+        weights_help=f"model weights (.pt); default: the bundle's models/model.pt (the low-dose CT bundle ships "
+        f"demo weights); {WEIGHTS_HELP}",
     )
     parser.add_argument(
         "--format",
         choices=OUTPUT_FORMATS,
         default="auto",
         help="output format; auto: DICOM for DICOM input, NIfTI otherwise (default: auto)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help="slices per forward pass (default: 2 on a CPU, 16 on a GPU); reduced, with a note, to what fits "
-        "the memory budget (volume + 1.5 GB on a CPU, the free memory of a GPU)",
     )
     parser.add_argument(
         "--amp",
@@ -116,7 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for the server per request (default: 30)"
     )
-    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -125,8 +109,6 @@ def _distributed() -> tuple[int, int]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.batch is not None and args.batch < 1:
-        raise InputError(f"--batch {args.batch} must be >= 1")
     if args.recursive and args.series_uid:
         raise InputError("--series-uid and --recursive exclude each other: drop one")
     if args.timeout <= 0:
@@ -135,26 +117,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"input {args.input} does not exist; check the path")
     if _is_url(args.output) and args.format not in ("auto", "dicom"):
         raise InputError(f"--format {args.format}: a DICOMweb destination stores DICOM only; drop --format")
-    if args.weights is not None and not args.weights.is_file():
-        raise InputError(f"weights file {args.weights} does not exist; {WEIGHTS_HELP}")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    values = {
-        "device": args.device,
+    return {
         "amp": args.amp,
-        "batch_size": args.batch,
         "progress": not args.no_progress,
         "overwrite": args.overwrite,
         "command": shlex.join(["ldct-clip", *sys.argv[1:]]),
         "input": args.input,
         "output_dir": args.output,
         "jobs": [],  # planned here: one evaluator run per series (per image folder)
+        **model_overrides(args),
     }
-    if args.weights is not None:
-        values["ckpt_path"] = str(args.weights.expanduser().resolve())
-    values.update(parse_set_options(args.set))
-    return values
 
 
 def _denoise_ct(pipeline, job: dict) -> str:

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldct_clip.cli.overrides import add_set_option, parse_set_options
+from ldct_clip.cli.overrides import add_model_options, model_overrides
 from ldct_clip.errors import InputError
 
 
@@ -32,12 +32,6 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--pairs", required=True, metavar="DIR", help="folder of low-/normal-dose pairs")
     parser.add_argument(
-        "--weights",
-        metavar="FILE",
-        default=None,
-        help="trained model (model.pt, best.pt...); default: the CT bundle's shipped models/model.pt",
-    )
-    parser.add_argument(
         "--protocol",
         choices=["paper", "redcnn", "ldctbench"],
         default="paper",
@@ -52,19 +46,16 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--output", default="evaluation", metavar="DIR", help="output folder (default ./evaluation)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="slices per network call")
     parser.add_argument(
         "--amp", action="store_true", help="mixed precision (default float32, as the reference)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--bundle",
-        default=None,
-        help="CT bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
+    add_model_options(
+        parser,
+        weights_help="trained model (model.pt, best.pt...); default: the CT bundle's shipped models/model.pt",
+        bundle_help="CT bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
     )
-    add_set_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -82,23 +73,12 @@ def run(args: argparse.Namespace) -> int:
             f"--pairs {args.pairs!r} is not a folder: give the folder with the low-/normal-dose pairs"
         )
     overrides = {
-        "device": args.device,
         "amp": "on" if args.amp else "fp32",
-        "batch_size": args.batch_size,
         "progress": False,
         "inplace": False,  # the low-dose volume is scored too
         "jobs": [],
-        **parse_set_options(args.set),
+        **model_overrides(args),
     }
-    if args.weights is not None:
-        weights = Path(args.weights).expanduser()
-        if not weights.is_file():
-            raise InputError(
-                f"--weights {args.weights!r} does not exist: give a trained model file (model.pt)"
-            )
-        overrides["ckpt_path"] = str(weights.resolve())
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     protocol = get_protocol(args.protocol, args.anatomy)  # a bad protocol fails before any work
     output = check_output_path(pairs_dir, args.output, args.overwrite)
     pairs = find_pairs(pairs_dir)

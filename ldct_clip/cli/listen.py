@@ -8,8 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ldct_clip.cli.overrides import add_set_option, parse_set_options
-from ldct_clip.errors import InputError, WeightsError
+from ldct_clip.cli.overrides import add_model_options, model_overrides
+from ldct_clip.errors import InputError
 
 
 def _default_spool() -> Path:
@@ -49,22 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=_default_spool(),
         help="folder for received instances; survives restarts (default: %(default)s)",
     )
-    parser.add_argument(
-        "--bundle",
-        default=None,
-        help="MONAI bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        default=None,
-        help="model weights (.pt); default: the bundle's models/model.pt",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument(
-        "--batch", type=int, default=None, help="slices per forward pass (default: 2 CPU, 16 GPU)"
-    )
-    add_set_option(parser)
+    add_model_options(parser, weights_help="model weights (.pt); default: the bundle's models/model.pt")
     parser.set_defaults(func=run)
 
 
@@ -75,24 +60,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--ae-title {args.ae_title!r} is not an AE title: give 1 to 16 characters")
     if args.series_timeout <= 0:
         raise InputError(f"--series-timeout {args.series_timeout} must be > 0 seconds")
-    if args.batch is not None and args.batch < 1:
-        raise InputError(f"--batch {args.batch} must be >= 1")
-    if args.weights is not None and not args.weights.is_file():
-        raise WeightsError(f"weights file {args.weights} does not exist: pass --weights FILE")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """The bundle config overrides of the model options (as ``ldct-clip denoise`` sets them)."""
-    values = {
-        "device": args.device,
-        "batch_size": args.batch,
-        "progress": False,
-        "command": shlex.join(["ldct-clip", *sys.argv[1:]]),
-    }
-    if args.weights is not None:
-        values["ckpt_path"] = str(args.weights.expanduser().resolve())
-    values.update(parse_set_options(args.set))
-    return values
+    return {"progress": False, "command": shlex.join(["ldct-clip", *sys.argv[1:]]), **model_overrides(args)}
 
 
 def run(args: argparse.Namespace) -> int:

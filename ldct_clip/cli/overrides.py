@@ -1,14 +1,60 @@
-"""``--set KEY=VALUE``: any bundle config id overridden from the command line, as ``monai.bundle run --KEY VALUE``."""
+"""Command-line options that become bundle config overrides: the model options every command that runs the
+model shares (``--bundle``, ``--weights``, ``--device``, ``--batch``) and ``--set KEY=VALUE`` for any config
+id, as ``monai.bundle run --KEY VALUE`` would."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from ldct_clip.errors import InputError
 
-__all__ = ["add_set_option", "json_value", "parse_set_options"]
+
+def add_model_options(
+    parser: argparse.ArgumentParser, weights_help: str, bundle_help: str | None = None
+) -> None:
+    """``--bundle``, ``--weights``, ``--device``, ``--batch`` (also ``--batch-size``) and ``--set``."""
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        help=bundle_help or "MONAI bundle folder or shipped bundle name (default: lowdose_ct_denoising)",
+    )
+    parser.add_argument("--weights", type=Path, default=None, help=weights_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--batch",
+        "--batch-size",
+        dest="batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slices per forward pass (default: 2 on a CPU, 16 on a GPU); lowered, with a note, to what fits "
+        "the memory budget (volume + 1.5 GB on a CPU, the free memory of a GPU)",
+    )
+    add_set_option(parser)
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides of the model options (``add_model_options``), ``--set`` last.
+
+    Raises:
+        InputError: a batch below 1, a weights file that does not exist, a malformed ``--set``.
+    """
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch {args.batch} must be >= 1")
+    values: dict = {"device": args.device, "batch_size": args.batch}
+    if args.weights is not None:
+        weights = Path(args.weights).expanduser()
+        if not weights.is_file():
+            raise InputError(f"weights file {args.weights} does not exist; check the path")
+        values["ckpt_path"] = str(weights.resolve())
+    values.update(parse_set_options(args.set))
+    return values
+
+
+__all__ = ["add_model_options", "add_set_option", "json_value", "model_overrides", "parse_set_options"]
 
 
 def add_set_option(parser: argparse.ArgumentParser) -> None:

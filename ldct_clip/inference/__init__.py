@@ -1,5 +1,14 @@
 """Inference of the 2-D network over CT volumes and images: device policy, predictor, inferers, loading."""
 
+from ldct_clip.inference.backends import (
+    BACKENDS,
+    PreparedNetwork,
+    available_backends,
+    backend_cache_dir,
+    choose_backend,
+    cpu_description,
+    prepare_network,
+)
 from ldct_clip.inference.device import (
     CPU_AMP_DEFAULT,
     DEFAULT_BATCH_SIZE,
@@ -22,22 +31,29 @@ from ldct_clip.inference.predictor import PAD_MULTIPLE, SlicePredictor
 from ldct_clip.inference.volume import denoise_volume
 
 __all__ = [
+    "BACKENDS",
     "CPU_AMP_DEFAULT",
     "DEFAULT_BATCH_SIZE",
     "CTSliceInferer",
     "HUBatchConversion",
     "ImageInferer",
     "PAD_MULTIPLE",
+    "PreparedNetwork",
     "SliceBatchInferer",
     "SlicePredictor",
     "WeightsLoader",
+    "available_backends",
+    "backend_cache_dir",
     "bounded_batch_size",
+    "choose_backend",
+    "cpu_description",
     "default_batch_size",
     "default_channels_last",
     "denoise_volume",
     "limit_heap_fragmentation",
     "load_denoiser",
     "make_inferer",
+    "prepare_network",
     "resolve_amp",
     "resolve_device",
 ]

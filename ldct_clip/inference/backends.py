@@ -496,6 +496,7 @@ class PreparedNetwork(nn.Module):
         amp_dtype: autocast dtype for the torch backends, or None (float32).
         channels_last: NHWC for the torch backends; None: on CPUs.
         use_cache: ``"auto"`` may reuse (and record) the choice remembered for this machine.
+        candidates: the backends ``"auto"`` chooses among (default: every available one).
     """
 
     def __init__(
@@ -506,6 +507,7 @@ class PreparedNetwork(nn.Module):
         amp_dtype: torch.dtype | None = None,
         channels_last: bool | None = None,
         use_cache: bool = True,
+        candidates: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if backend != "auto" and backend not in BACKENDS:
@@ -516,6 +518,7 @@ class PreparedNetwork(nn.Module):
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.use_cache = use_cache
+        self.candidates = list(candidates) if candidates is not None else None
         self.chosen: str | None = None  # the backend in use, once built
         self._runner: Callable | None = None
         self._signature: tuple | None = None
@@ -529,7 +532,7 @@ class PreparedNetwork(nn.Module):
         runner = None
         if self.backend == "auto":
             name, runner = _choose(
-                self.network, shape, device, self.amp_dtype, channels_last, None, self.use_cache, 3, 0.03
+                self.network, shape, device, self.amp_dtype, channels_last, self.candidates, self.use_cache, 3, 0.03
             )
         else:
             name = self.backend
@@ -563,8 +566,24 @@ def prepare_network(
     device: str | torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> PreparedNetwork:
-    """``network`` run by ``backend``, built lazily on the first batch (see :class:`PreparedNetwork`)."""
+    """``network`` run by ``backend``, built lazily on the first batch (see :class:`PreparedNetwork`).
+
+    Args:
+        network: the 2-D network (its weights may be loaded after this call, before the first batch).
+        backend: ``"auto"`` (the fastest here, measured once per machine and shape) or a name of
+            :data:`BACKENDS`.
+        device: where it runs; None: where the network's weights are at the first batch.
+        amp_dtype: autocast dtype (torch backends), None for float32.
+        channels_last: NHWC for the torch backends; None: on CPUs.
+        candidates: what ``"auto"`` chooses among (default: every available backend).
+    """
     return PreparedNetwork(
-        network, backend=backend, device=device, amp_dtype=amp_dtype, channels_last=channels_last
+        network,
+        backend=backend,
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        candidates=candidates,
     )
