@@ -20,6 +20,7 @@ start and end). Shipped CT weights where present (random init otherwise; speed d
     python benchmarks/inference.py                          # CPU, batch 2, 512x512, 3 rounds
     python benchmarks/inference.py --rounds 5 --paths eager inductor
     python benchmarks/inference.py --device cuda --batch 16
+    python benchmarks/inference.py --paths eager --memory-slices 300 --memory-backends eager eager_infer:bf16
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import collections
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,29 +92,51 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def conv_floor(model, size, batch, rounds, device) -> tuple[list, float, float, float]:
-    """Per shape: (shape, count, GFLOP per slice, best GFLOPS); best GFLOPS; conv-only s/slice; the
-    network's FLOPs per slice."""
-    shapes = conv_shapes(model, size, device)
-    cases = []
-    for (cin, cout, k, stride, hw), count in shapes.items():
-        conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False).to(device).eval()
-        x = torch.rand(batch, cin, *hw, device=device)
-        if device.type == "cpu":
-            conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        out_hw = [(n + 2 * (k // 2) - k) // stride + 1 for n in hw]
-        flops = 2 * batch * cout * out_hw[0] * out_hw[1] * cin * k * k
-        cases.append([(cin, cout, k, stride, hw), count, conv, x, flops, float("inf")])
-    with torch.no_grad():
-        for case in cases:
-            case[2](case[3])  # warm-up
-        for _ in range(rounds):
-            for case in cases:
-                case[5] = min(case[5], timed(lambda c=case: c[2](c[3]), device))
-    rows = [(c[0], c[1], c[4] / batch / 1e9, c[4] / c[5] / 1e9) for c in cases]
-    best = max(r[3] for r in rows)
-    conv_only = sum(c[1] * c[5] for c in cases) / batch
-    return rows, best, conv_only, network_flops(model, size, device)
+class ConvFloor:
+    """Every convolution shape one slice runs, alone (fp32, NHWC on CPU, the batch in use): timed one
+    round at a time, interleaved with the paths, so that both see the same load."""
+
+    def __init__(self, model: CLIPDenoiser, size: int, batch: int, device: torch.device) -> None:
+        self.batch, self.device = batch, device
+        self.flops = network_flops(model, size, device)
+        self.cases = []
+        for (cin, cout, k, stride, hw), count in conv_shapes(model, size, device).items():
+            conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False).to(device).eval()
+            x = torch.rand(batch, cin, *hw, device=device)
+            if device.type == "cpu":
+                conv = conv.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            out_hw = [(n + 2 * (k // 2) - k) // stride + 1 for n in hw]
+            flops = 2 * batch * cout * out_hw[0] * out_hw[1] * cin * k * k
+            self.cases.append([(cin, cout, k, stride, hw), count, conv, x, flops, float("inf")])
+        self.round()  # warm-up
+
+    def round(self) -> None:
+        with torch.no_grad():
+            for case in self.cases:
+                case[5] = min(case[5], timed(lambda c=case: c[2](c[3]), self.device))
+
+    def report(self) -> tuple[float, float]:
+        """Print the shapes; return (floor s/slice, conv-only s/slice)."""
+        rows = [(c[0], c[1], c[4] / self.batch / 1e9, c[4] / c[5] / 1e9) for c in self.cases]
+        best = max(r[3] for r in rows)
+        floor = self.flops / 1e9 / best
+        conv_only = sum(c[1] * c[5] for c in self.cases) / self.batch
+        print(
+            f"\nconvolution shapes of one slice (fp32, NHWC on CPU, batch {self.batch}, best of the rounds)"
+        )
+        print("| in -> out | kernel/stride | input | count | GFLOP/slice | GFLOPS |")
+        print("| --- | --- | --- | ---: | ---: | ---: |")
+        for (cin, cout, k, stride, hw), count, gflop, gflops in sorted(rows, key=lambda r: -r[1] * r[2]):
+            print(
+                f"| {cin} -> {cout} | {k}x{k}/{stride} | {hw[0]}x{hw[1]} | {count} | {gflop * count:.2f} | {gflops:.0f} |"
+            )
+        print(
+            f"\nnetwork: {self.flops / 1e9:.1f} GFLOP/slice; best conv {best:.0f} GFLOPS -> floor {floor:.3f} "
+            f"s/slice; conv-only (each layer at its measured speed) {conv_only:.3f} s/slice = "
+            f"{floor / conv_only:.0%} of the floor"
+        )
+        return floor, conv_only
 
 
 class ReferenceLoop:
@@ -138,6 +162,32 @@ class ReferenceLoop:
         return torch.cat(outputs)
 
 
+def memory_run(backend: str, slices: int, size: int, batch: int, amp: str) -> None:
+    """In this (fresh) process: a ``size`` x ``size`` x ``slices`` float32 volume denoised in place, batch
+    after batch, through ``backend``; prints the peak RSS against the volume's size."""
+    from ldct_clip.inference import limit_heap_fragmentation
+
+    limit_heap_fragmentation()  # as ldct-clip denoise does
+    volume = torch.rand(1, size, size, slices)
+    prepared = prepare_network(
+        build_network(torch.device("cpu")),
+        backend,
+        device="cpu",
+        amp_dtype=torch.bfloat16 if amp == "bf16" else None,
+    )
+    start = time.perf_counter()
+    for first in range(0, slices, batch):
+        x = volume[0, :, :, first : first + batch].permute(2, 0, 1)[:, None].contiguous()
+        volume[0, :, :, first : first + batch] = prepared(x)[:, 0].permute(1, 2, 0)
+    seconds = (time.perf_counter() - start) / slices
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+    volume_mb = volume.numel() * 4 / 2**20
+    print(
+        f"| {backend} {amp} | {slices} | {seconds:.3f} | {volume_mb:.0f} | {peak:.0f} | {peak - volume_mb:.0f} |"
+    )
+
+
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
@@ -149,15 +199,26 @@ def describe_machine(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2, help="slices per forward of the backends")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best is kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--paths", nargs="*", help="backends to time (default: every available one)")
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="no bf16 rows (default: where bf16 is in hardware)"
+    )
+    parser.add_argument("--memory-slices", type=int, default=0, help="also: peak RSS of a volume this deep")
+    parser.add_argument("--memory-backends", nargs="*", default=["eager", "eager_infer"])
+    parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_run(args.memory_worker[0], args.memory_slices, args.size, args.batch, args.memory_worker[1])
+        return
     device = torch.device(args.device)
     load_start = os.getloadavg()
 
@@ -169,32 +230,28 @@ def main() -> None:
     )
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
 
-    model = build_network(device)
-    rows, best, conv_only, flops = conv_floor(model, args.size, args.batch, args.rounds, device)
-    floor = flops / 1e9 / best
-    print(f"\nconvolution shapes of one {args.size}x{args.size} slice (fp32, NHWC on CPU, batch {args.batch})")
-    print("| in -> out | kernel/stride | input | count | GFLOP/slice | GFLOPS |")
-    print("| --- | --- | --- | ---: | ---: | ---: |")
-    for (cin, cout, k, stride, hw), count, gflop, gflops in sorted(rows, key=lambda r: -r[1] * r[2]):
-        print(f"| {cin} -> {cout} | {k}x{k}/{stride} | {hw[0]}x{hw[1]} | {count} | {gflop * count:.2f} | {gflops:.0f} |")
-    print(
-        f"\nnetwork: {flops / 1e9:.1f} GFLOP/slice; best conv {best:.0f} GFLOPS -> floor {floor:.3f} s/slice; "
-        f"conv-only (each layer at its measured speed) {conv_only:.3f} s/slice = {floor / conv_only:.0%} of "
-        "the floor",
-        flush=True,
-    )
+    floor_bench = ConvFloor(build_network(device), args.size, args.batch, device)
 
-    names = args.paths or available_backends(device)
+    names = [(n, None) for n in (args.paths or available_backends(device))]
+    if not args.no_bf16 and (
+        device.type == "cuda"
+        or "avx512_bf16" in cpu_description().get("flags", [])
+        or "amx_bf16" in cpu_description().get("flags", [])
+    ):
+        # mixed precision where bf16 is in hardware: the torch backends that run CLIPDenoiser.infer
+        # (its output conv stays float32; PSNR cost in benchmarks/README.md)
+        names += [(n, torch.bfloat16) for n in ("eager_infer", "inductor") if n in available_backends(device)]
     reference = ReferenceLoop(build_network(device), device)
     batch = torch.rand(args.batch, 1, args.size, args.size, device=device)
     with torch.no_grad():
         expected = build_network(device)(batch)
     paths = {"reference loop (fp32 NCHW, layer4, 1 slice/forward)": reference}
     errors = {}
-    for name in names:
+    for backend, amp in names:
+        name = backend if amp is None else f"{backend} bf16"
         started = time.perf_counter()
         try:
-            paths[name] = prepare_network(build_network(device), name, device=device)
+            paths[name] = prepare_network(build_network(device), backend, device=device, amp_dtype=amp)
             y = paths[name](batch)  # builds: compiles, exports, warms up
         except Exception as error:  # noqa: BLE001 - report and go on with the others
             print(f"  {name}: not usable here ({type(error).__name__}: {str(error).splitlines()[0][:150]})")
@@ -204,11 +261,15 @@ def main() -> None:
         print(f"  {name}: built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.rounds):
+        floor_bench.round()
         for name, fn in paths.items():
             times[name].append(timed(lambda fn=fn: fn(batch), device) / args.batch)
     load_end = os.getloadavg()
+    floor, _ = floor_bench.report()
     ref = min(times[next(iter(paths))])
-    print(f"\n| path | s/slice (best) | s/slice (median) | share of the floor | vs reference | rel. diff to eager fp32 |")
+    print(
+        "\n| path | s/slice (best) | s/slice (median) | share of the floor | vs reference | rel. diff to eager fp32 |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, values in times.items():
         best_time = min(values)
@@ -218,6 +279,32 @@ def main() -> None:
             f"{ref / best_time:.2f}x | {diff} |"
         )
     print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    if args.memory_slices and device.type == "cpu":
+        print(
+            f"\nmemory: {args.size}x{args.size}x{args.memory_slices} volume denoised in place, batch {args.batch}, "
+            "limit_heap_fragmentation() as ldct-clip denoise; each backend in a fresh process"
+        )
+        print("| path | slices | s/slice | volume MB | peak RSS MB | peak - volume MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for spec in args.memory_backends:
+            backend, _, amp = spec.partition(":")
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                backend,
+                amp or "fp32",
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+                "--memory-slices",
+                str(args.memory_slices),
+                "--threads",
+                str(args.threads),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            print(done.stdout.strip() or f"| {spec} | failed: {done.stderr.strip().splitlines()[-1][:120]} |")
 
 
 if __name__ == "__main__":

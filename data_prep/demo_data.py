@@ -10,10 +10,15 @@ Dataset preparation, not library code: ``make_demo_training_data.py`` next to th
   - ``totalseg_dicom_train.nii.gz``: slices 0-13 of the real DICOM series ``totalseg_example_ct_dicom``
     (512 x 512, 0.977 mm, 3 mm thick every 2 mm); slices 14-15 are left out as a gap, so that no training
     slab overlaps a held-out one (slice 13 ends 3 mm before slice 16 begins);
-  - ``totalseg_ct_1mm.nii.gz``: the real volume ``totalseg_example_ct.nii.gz`` (3 mm isotropic), resampled
-    in-plane to ``nifti_spacing_mm`` (default 1 mm, bilinear, MONAI ``Spacing``) so that its anatomy has the
-    pixel scale of the other training slices; 0 keeps it at 3 mm;
-  - ``phantom_seed{1..4}.nii.gz``: noise-free phantoms of several sizes (anatomy scales with the matrix).
+  - ``totalseg_dicom_train_{0p75,1p25}mm.nii.gz``: the same slices resampled in-plane to the pixel sizes
+    ``dicom_spacings_mm`` (default 0.75 and 1.25 mm, bilinear, MONAI ``Spacing``): the anatomy and the
+    simulated noise grain at the pixel scales of other fields of view;
+  - ``totalseg_ct_1mm.nii.gz``, ``totalseg_ct_0p75mm.nii.gz``: the real volume ``totalseg_example_ct.nii.gz``
+    (3 mm isotropic, another patient) resampled in-plane to each of ``nifti_spacing_mm`` (default 1 mm and
+    0.75 mm), so that its anatomy has the pixel scale of the other training slices (0 keeps 3 mm); the
+    volumes after the first keep every other slice, so that this blurry (3 mm) volume does not outnumber
+    the sharp slices of the stream;
+  - ``phantom_seed{1..8}.nii.gz``: noise-free phantoms of several sizes (anatomy scales with the matrix).
 
 - ``heldout/``: low-/normal-dose pairs ``{name}_low.nii.gz`` + ``{name}_full.nii.gz`` (the ``"pairs"`` layout,
   what ``ldct-clip evaluate`` / ``ldct-clip benchmark`` read): DICOM slices 16-19 and their simulated
@@ -45,7 +50,9 @@ from ldct_clip.simulation import DEFAULT_PHOTONS, simulate_low_dose
 __all__ = [
     "DICOM_HELDOUT_SLICES",
     "DICOM_TRAIN_SLICES",
+    "DICOM_TRAIN_SPACINGS_MM",
     "HELDOUT_PHANTOM",
+    "NIFTI_SPACINGS_MM",
     "TRAIN_PHANTOMS",
     "heldout_noise",
     "prepare_demo_data",
@@ -57,8 +64,22 @@ NIFTI_VOLUME = "totalseg_example_ct.nii.gz"
 DICOM_TRAIN_SLICES = range(0, 14)
 #: ...and held out; 14 and 15 are the gap between them.
 DICOM_HELDOUT_SLICES = range(16, 20)
+#: In-plane pixel sizes (mm) the DICOM training slices are also resampled to (besides their own 0.977 mm).
+DICOM_TRAIN_SPACINGS_MM = (0.75, 1.25)
+#: In-plane pixel sizes (mm) the 3 mm NIfTI volume is resampled to (all slices at the first, every other at
+#: the next ones).
+NIFTI_SPACINGS_MM = (1.0, 0.75)
 #: (size, slices, seed) of the training phantoms, 0.8 mm pixels, 3 mm slices.
-TRAIN_PHANTOMS = ((512, 8, 1), (512, 8, 2), (384, 8, 3), (256, 8, 4))
+TRAIN_PHANTOMS = (
+    (512, 8, 1),
+    (512, 8, 2),
+    (384, 8, 3),
+    (256, 8, 4),
+    (448, 8, 5),
+    (320, 8, 6),
+    (512, 8, 7),
+    (384, 8, 8),
+)
 #: (size, slices, seed) of the held-out phantom: a seed no training phantom (nor the demo, seed 0) uses.
 HELDOUT_PHANTOM = (512, 4, 99)
 PHANTOM_SPACING = (0.8, 0.8, 3.0)
@@ -75,10 +96,17 @@ def _crop_slices(volume, slices: range):
     return SpatialCrop(roi_start=(0, 0, slices.start), roi_end=(x, y, slices.stop))(volume)
 
 
-def _resample_in_plane(volume, spacing_mm: float):
-    z = float(np.linalg.norm(np.asarray(volume.affine)[:3, 2]))
+def _resample_in_plane(volume, spacing_mm: float, slice_step: int = 1):
+    """``volume`` resampled in-plane to ``spacing_mm`` (bilinear), keeping every ``slice_step``-th slice (the
+    new slice grid starts on the first slice, so the kept slices are not interpolated)."""
+    z = float(np.linalg.norm(np.asarray(volume.affine)[:3, 2])) * slice_step
     # "border": the few voxels the new grid adds at the edge repeat the edge (air), not 0 HU
     return Spacing(pixdim=(spacing_mm, spacing_mm, z), mode="bilinear", padding_mode="border")(volume)
+
+
+def _spacing_name(spacing_mm: float) -> str:
+    """``0.75`` -> ``"0p75mm"``: a file name part without a second dot."""
+    return f"{spacing_mm:g}".replace(".", "p") + "mm"
 
 
 def heldout_noise(low, full) -> dict[str, float]:
@@ -116,8 +144,9 @@ def prepare_demo_data(
     overwrite: bool = False,
     dose: float = 0.25,
     seed: int = 0,
-    nifti_spacing_mm: float = 1.0,
+    nifti_spacing_mm: float | Sequence[float] = NIFTI_SPACINGS_MM,
     train_phantoms: Sequence[tuple[int, int, int]] = TRAIN_PHANTOMS,
+    dicom_spacings_mm: Sequence[float] = DICOM_TRAIN_SPACINGS_MM,
     heldout_phantom: tuple[int, int, int] | None = HELDOUT_PHANTOM,
     workers: int | None = None,
     progress: bool = True,
@@ -132,8 +161,10 @@ def prepare_demo_data(
         overwrite: replace an existing ``output_dir``.
         dose: dose fraction of the held-out low-dose volumes.
         seed: seed of the simulated noise.
-        nifti_spacing_mm: in-plane pixel size the 3 mm NIfTI volume is resampled to; 0 keeps it.
+        nifti_spacing_mm: in-plane pixel size(s) the 3 mm NIfTI volume is resampled to, one training volume
+            each (every other slice after the first); 0 keeps 3 mm.
         train_phantoms: ``(size, slices, seed)`` of each training phantom.
+        dicom_spacings_mm: in-plane pixel sizes the DICOM training slices are also resampled to.
         heldout_phantom: ``(size, slices, seed)`` of the held-out phantom pair; None for none.
         workers: simulation processes (default one per CPU).
         progress: progress bars for the simulation.
@@ -185,17 +216,29 @@ def prepare_demo_data(
             "train",
             source=f"{DICOM_SERIES} slices {first.start}-{first.stop - 1}",
         )
+        for spacing in dicom_spacings_mm:
+            write(
+                _resample_in_plane(_crop_slices(series, first), spacing),
+                train,
+                f"totalseg_dicom_train_{_spacing_name(spacing)}.nii.gz",
+                "train",
+                source=f"{DICOM_SERIES} slices {first.start}-{first.stop - 1} resampled in-plane to {spacing:g} mm",
+            )
         volume = load_ct(nifti_path)
-        if nifti_spacing_mm:
-            volume = _resample_in_plane(volume, nifti_spacing_mm)
-        write(
-            volume,
-            train,
-            "totalseg_ct_1mm.nii.gz" if nifti_spacing_mm == 1.0 else "totalseg_ct.nii.gz",
-            "train",
-            source=f"{NIFTI_VOLUME}"
-            + (f" resampled in-plane to {nifti_spacing_mm:g} mm" if nifti_spacing_mm else ""),
-        )
+        spacings = nifti_spacing_mm if isinstance(nifti_spacing_mm, Sequence) else (nifti_spacing_mm,)
+        for i, spacing in enumerate(spacings):
+            step = 1 if i == 0 else 2
+            resampled = _resample_in_plane(volume, spacing, step) if spacing else volume
+            every = "" if step == 1 else ", every other slice"
+            write(
+                resampled,
+                train,
+                f"totalseg_ct_{_spacing_name(spacing)}.nii.gz" if spacing else "totalseg_ct.nii.gz",
+                "train",
+                source=f"{NIFTI_VOLUME}"
+                + (f" resampled in-plane to {spacing:g} mm" if spacing else "")
+                + every,
+            )
         for size, slices, phantom_seed in train_phantoms:
             write(
                 make_phantom(size, slices, PHANTOM_SPACING, phantom_seed),

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from demo_data import prepare_demo_data  # next to this script
+from demo_data import DICOM_TRAIN_SPACINGS_MM, NIFTI_SPACINGS_MM, prepare_demo_data  # next to this script
 
 from ldct_clip.errors import LdctClipError
 
@@ -37,8 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nifti-spacing",
         type=float,
-        default=1.0,
-        help="in-plane mm the 3 mm NIfTI volume is resampled to; 0 keeps 3 mm (default 1.0)",
+        nargs="+",
+        default=list(NIFTI_SPACINGS_MM),
+        help="in-plane mm the 3 mm NIfTI volume is resampled to, one training volume each (every other slice "
+        "after the first); 0 keeps 3 mm (default 1.0 0.75)",
+    )
+    parser.add_argument(
+        "--dicom-spacing",
+        type=float,
+        nargs="*",
+        default=list(DICOM_TRAIN_SPACINGS_MM),
+        help="in-plane mm the DICOM training slices are also resampled to (default 0.75 1.25; none: native only)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="simulation processes (default one per CPU)"
@@ -53,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             dose=args.dose,
             seed=args.seed,
             nifti_spacing_mm=args.nifti_spacing,
+            dicom_spacings_mm=args.dicom_spacing,
             workers=args.workers,
         )
     except LdctClipError as error:

@@ -1,6 +1,7 @@
 """CT datasets: layouts, patient split, slice and noise caches, the seeded training stream, augmentation,
 the CT noise transforms, pairs."""
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -306,6 +307,81 @@ def test_simulated_noise_level_follows_dose(tmp_path):
     )
 
 
+def _noise_std_hu(noise: np.ndarray) -> float:
+    """Noise std (HU) in the flat centre of a water cylinder, of a (Z, H, W) model-unit noise stack."""
+    return measure_noise_std(np.transpose(noise, (1, 2, 0)) * 4096.0, radius=8)
+
+
+def _high_frequency_fraction(noise: np.ndarray) -> float:
+    """Share of a (Z, H, W) noise stack's power above half the Nyquist frequency (radially)."""
+    power = (np.abs(np.fft.fft2(noise - noise.mean(axis=(1, 2), keepdims=True))) ** 2).sum(axis=0)
+    fy, fx = np.meshgrid(np.fft.fftfreq(noise.shape[1]), np.fft.fftfreq(noise.shape[2]), indexing="ij")
+    return float(power[np.hypot(fy, fx) > 0.25].sum() / power.sum())
+
+
+def test_simulated_noise_mixture_of_doses_filters_and_thicknesses(tmp_path, monkeypatch):
+    """One settings object, one level per realisation: dose 0.1 adds sqrt((1 - 0.1) / 0.1) = 3 times the
+    noise std of dose 0.5, the smooth (hann) kernel has less high-frequency power than the sharp (ramp)
+    one, 4x thicker slices half the noise; every level is its own cache entry."""
+    path = save_nifti(  # 8 slices: the std of each level known to ~2 %
+        make_water_cylinder(64, 8, diameter_mm=40, spacing=(0.8, 0.8, 3.0)), tmp_path / "W.nii.gz"
+    )
+    settings = SimulationSettings(
+        dose=[0.1, 0.5],
+        filter_name=["ramp", "hann"],
+        slice_thickness=[1.0, 4.0],
+        realizations=8,
+        n_views=90,
+        workers=1,
+        progress=False,
+    )
+    assert settings.is_mixture and len(settings.levels) == 8
+    assert [(v.dose, v.filter_name, v.slice_thickness) for v in settings.levels[:3]] == [
+        (0.1, "ramp", 1.0),
+        (0.5, "ramp", 1.0),
+        (0.1, "hann", 1.0),
+    ]  # dose varies fastest
+    calls = _count_simulations(monkeypatch)
+    cache = SimulatedNoiseCache(tmp_path / "cache", settings)
+    noises = cache.noise(path, name="W")
+    assert len(calls) == 8 and len(set(calls)) == 8 and len(os.listdir(tmp_path / "cache")) == 8
+    by_level = {settings.level(k, "W"): noise for k, noise in enumerate(noises)}
+    assert set(by_level) == set(settings.levels)  # as many realisations as levels: each level once
+    std = {level: _noise_std_hu(noise) for level, noise in by_level.items()}
+    hf = {level: _high_frequency_fraction(np.asarray(noise)) for level, noise in by_level.items()}
+    for level in settings.levels:
+        if level.dose == 0.1:
+            half = dataclasses.replace(level, dose=0.5)
+            assert std[level] / std[half] == pytest.approx(3.0, rel=0.1)
+        if level.filter_name == "ramp":
+            smooth = dataclasses.replace(level, filter_name="hann")
+            assert hf[smooth] < 0.6 * hf[level] and std[smooth] < 0.8 * std[level]
+        if level.slice_thickness == 1.0:
+            thick = dataclasses.replace(level, slice_thickness=4.0)
+            assert std[level] / std[thick] == pytest.approx(2.0, rel=0.1)
+    # read back from the cache; fewer realisations are the first levels of the same cycle
+    assert len(cache.noise(path, 3, name="W")) == 3 and len(calls) == 8
+    # a volume of another name starts its cycle elsewhere
+    starts = {settings.level(0, name) for name in ("A", "B", "C", "D", "E", "F")}
+    assert len(starts) > 1
+
+
+def test_one_level_mixture_is_the_single_level(tmp_path, monkeypatch):
+    """A list of one value is that value: same settings, same cache files (and the single-level keys have
+    not changed: the ramp filter is implied)."""
+    path = save_nifti(make_phantom(size=32, slices=1, seed=2), tmp_path / "P.nii.gz")
+    assert SimulationSettings(dose=[0.3], filter_name=["ramp"], slice_thickness=[2]) == SimulationSettings(
+        dose=0.3, slice_thickness=2.0
+    )
+    calls = _count_simulations(monkeypatch)
+    first = SimulatedNoiseCache(tmp_path / "cache", _settings(dose=0.3)).noise(path, 1, name="P")
+    again = SimulatedNoiseCache(tmp_path / "cache", _settings(dose=[0.3], filter_name="ramp"))
+    np.testing.assert_array_equal(again.noise(path, 1, name="P")[0], first[0])
+    assert len(calls) == 1
+    SimulatedNoiseCache(tmp_path / "cache", _settings(dose=0.3, filter_name="hann")).noise(path, 1, name="P")
+    assert len(calls) == 2  # the filter is part of the key
+
+
 def test_simulated_noise_refuses_mayo_npy_and_bad_settings(tmp_path):
     root = phantom_mayo_npy(tmp_path / "mayo", patients=("P1", "P2"), size=32, slices=2)
     with pytest.raises(InputError, match="Mayo npy"):
@@ -320,6 +396,14 @@ def test_simulated_noise_refuses_mayo_npy_and_bad_settings(tmp_path):
         SimulationSettings(dose=1.5)
     with pytest.raises(InputError, match="at least 1"):
         SimulationSettings(realizations=0)
+    with pytest.raises(InputError, match="dose fraction"):
+        SimulationSettings(dose=[0.1, 1.5])
+    with pytest.raises(InputError, match="unknown"):
+        SimulationSettings(filter_name=["ramp", "sharp"])
+    with pytest.raises(InputError, match="above 0"):
+        SimulationSettings(slice_thickness=[1.0, 0.0])
+    with pytest.raises(InputError, match="at least one value"):
+        SimulationSettings(dose=[])
 
 
 def test_ct_noise_transforms_array_and_dictionary_twins():

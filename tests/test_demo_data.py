@@ -45,13 +45,16 @@ def test_prepare_demo_data_layouts_and_held_out_split(shared, tmp_path):
     )
     assert {v["patient"] for v in find_volumes(out / "train")} == {
         "totalseg_dicom_train",
+        "totalseg_dicom_train_0p75mm",
+        "totalseg_dicom_train_1p25mm",
         "totalseg_ct_1mm",
+        "totalseg_ct_0p75mm",
         "phantom_seed1",
         "phantom_seed2",
     }
     assert {p["patient"] for p in find_pairs(out / "heldout")} == {"totalseg_dicom_heldout", "phantom_seed99"}
     assert json.loads((out / "manifest.json").read_text())["train"].keys() == manifest["train"].keys()
-    assert len(lines) == 4 + 4 + 2 + 1  # one per file, one per pair's noise, the summary
+    assert len(lines) == 7 + 4 + 2 + 1  # one per file, one per pair's noise, the summary
 
     series = load_ct(shared / "totalseg_example_ct_dicom")
     train = load_ct(out / "train" / "totalseg_dicom_train.nii.gz")
@@ -76,6 +79,19 @@ def test_prepare_demo_data_layouts_and_held_out_split(shared, tmp_path):
     resampled = load_ct(out / "train" / "totalseg_ct_1mm.nii.gz")
     np.testing.assert_allclose(np.linalg.norm(np.asarray(resampled.affine)[:3, :3], axis=0), (1.0, 1.0, 3.0))
     assert abs(resampled.shape[1] - 72) <= 2 and resampled.shape[-1] == 4
+
+    # the training DICOM slices also at 0.75 and 1.25 mm (48 x 1 mm -> 64 and ~38 pixels), same 14 slices
+    for name, pixels in (("0p75mm", 64), ("1p25mm", 38)):
+        zoomed = load_ct(out / "train" / f"totalseg_dicom_train_{name}.nii.gz")
+        assert abs(zoomed.shape[1] - pixels) <= 1 and zoomed.shape[-1] == 14
+        np.testing.assert_allclose(
+            np.asarray(zoomed.affine)[:3, 3], np.asarray(train.affine)[:3, 3], atol=0.5
+        )
+    # the finer NIfTI keeps every other slice (6 mm apart), starting on the first
+    finer = load_ct(out / "train" / "totalseg_ct_0p75mm.nii.gz")
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(finer.affine)[:3, :3], axis=0), (0.75, 0.75, 6.0))
+    assert abs(finer.shape[1] - 93) <= 1 and finer.shape[-1] == 2  # (24 - 1) * 3 / 0.75 + 1
+    np.testing.assert_allclose(np.asarray(finer.affine)[2, 3], np.asarray(resampled.affine)[2, 3], atol=1e-3)
 
     phantom = load_ct(out / "heldout" / "phantom_seed99_full.nii.gz")
     np.testing.assert_allclose(phantom[0].numpy(), np.rint(make_phantom(48, 2, seed=99)[0].numpy()), atol=0.5)

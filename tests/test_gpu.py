@@ -56,7 +56,9 @@ def test_cuda_backends_equal_cpu_float32_with_shipped_weights(name, shipped):
 
 def test_bf16_autocast_is_close_and_returns_float32(shipped):
     model, x, expected = shipped
-    prepared = prepare_network(CLIPDenoiser(encoder_weights=None).eval(), "eager", "cuda", torch.bfloat16)
+    prepared = prepare_network(
+        CLIPDenoiser(encoder_weights=None).eval(), "eager_infer", "cuda", torch.bfloat16
+    )
     prepared.network.load_state_dict(model.state_dict())
     got = prepared(x)
     assert got.dtype == torch.float32

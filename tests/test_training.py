@@ -139,24 +139,60 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
+def _stop_and_resume(volumes, out: Path, **overrides) -> Path:
+    """A 20-iteration run stopped after its first round of 10 (as if killed), then resumed from that
+    round's checkpoint; returns the checkpoint."""
+    stopped = tiny_overrides(volumes, out, 20, checkpoint_interval=10, **overrides)
+    run_config([TRAIN_CONFIG], {**stopped, "train#trainer#max_epochs": 1})
+    checkpoint = out / "checkpoint_epoch=1.pt"
+    assert torch.load(checkpoint, weights_only=True)["trainer"]["iteration"] == 10
+    run_config([TRAIN_CONFIG], {**stopped, "resume": str(checkpoint)})
+    return checkpoint
+
+
 def test_resumed_run_reaches_the_same_weights(volumes, tmp_path, monkeypatch):
     with one_thread():
-        run_config([TRAIN_CONFIG], tiny_overrides(volumes, tmp_path / "full", 20, checkpoint_interval=10))
-        # a run stopped after the first round (as if killed), then resumed from its checkpoint
+        # the default configuration: the step's precision and memory format are "auto", measured when the
+        # run starts, saved in its checkpoints and kept by the resumed run (which must not measure again)
         stopped = tiny_overrides(volumes, tmp_path / "resumed", 20, checkpoint_interval=10)
         run_config([TRAIN_CONFIG], {**stopped, "train#trainer#max_epochs": 1})
         checkpoint = tmp_path / "resumed" / "checkpoint_epoch=1.pt"
-        assert torch.load(checkpoint, weights_only=True)["trainer"]["iteration"] == 10
+        saved = torch.load(checkpoint, weights_only=True)
+        assert saved["trainer"]["iteration"] == 10
+        step = saved["training_state"]["step"]
+        monkeypatch.setattr(T.precision, "measure_step_formats", _no_second_measurement)
         run_config([TRAIN_CONFIG], {**stopped, "resume": str(checkpoint)})
+        # the uninterrupted run in the format the stopped one measured (on a tiny network the formats
+        # are close calls, which a measurement of its own could decide otherwise)
+        measured = {"train_precision": step["precision"], "train_memory_format": step["memory_format"]}
+        run_config(
+            [TRAIN_CONFIG], tiny_overrides(volumes, tmp_path / "full", 20, checkpoint_interval=10, **measured)
+        )
         full, resumed = _weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "resumed" / "model.pt")
         assert state_dict_max_difference(full, resumed) <= 1e-6
         assert state_dict_max_difference(full, _weights(checkpoint)) > 1e-4  # the second round did train
 
         # without the saved RNG states (feature augmentation, mixup) the resumed run diverges
         monkeypatch.setattr(T.TrainingState, "load_state_dict", lambda self, state: None)
-        diverged = tiny_overrides(volumes, tmp_path / "diverged", 20, checkpoint_interval=10)
+        diverged = tiny_overrides(volumes, tmp_path / "diverged", 20, checkpoint_interval=10, **measured)
         run_config([TRAIN_CONFIG], {**diverged, "resume": str(checkpoint)})
         assert state_dict_max_difference(full, _weights(tmp_path / "diverged" / "model.pt")) > 1e-6
+
+
+def _no_second_measurement(*args, **kwargs):
+    raise AssertionError("a resumed run keeps the step format of its checkpoint")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_in_the_bf16_channels_last_step(volumes, tmp_path):
+    fast = {"train_precision": "bf16", "train_memory_format": "channels_last"}
+    with one_thread():
+        run_config(
+            [TRAIN_CONFIG], tiny_overrides(volumes, tmp_path / "full", 20, checkpoint_interval=10, **fast)
+        )
+        _stop_and_resume(volumes, tmp_path / "resumed", **fast)
+    full, resumed = _weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "resumed" / "model.pt")
+    assert state_dict_max_difference(full, resumed) <= 1e-6
 
 
 def test_recalibrate_encoder_bn_sets_the_statistics_of_the_slices():

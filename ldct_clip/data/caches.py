@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ldct_clip.conventions import HU_RANGE, ORIENTATION, is_fov_padding
 from ldct_clip.io import load_ct
 from ldct_clip.simulation import DEFAULT_N_VIEWS, DEFAULT_PHOTONS, simulate_low_dose, slice_thickness
-from ldct_clip.transforms.ct_noise import SimulationSettings
+from ldct_clip.transforms.ct_noise import NoiseLevel, SimulationSettings
 from ldct_clip.transforms.intensity import HUToModelRange
 
 __all__ = ["SimulatedNoiseCache", "VolumeSliceCache", "default_cache_dir"]
@@ -107,19 +107,23 @@ class SimulatedNoiseCache(VolumeSliceCache):
     Realisation ``k`` of a volume is ``simulate_low_dose(volume_hu, dose, seed=s_k) - volume_hu`` (the
     projection-domain model of ``ldct_clip.simulation``: anatomy untouched, noise only) divided by the
     width of ``hu_range`` (the scale of ``HUToModelRange``), so ``clean + noise`` is the simulated
-    low-dose slice in the model range. The volume is simulated in the same orientation as
-    :class:`VolumeSliceCache` stores its slices, so noise slice ``z`` lies exactly on clean slice ``z``;
-    padding outside the field of view gets no noise. The slice thickness is, unless set,
-    ``ldct_clip.simulation.slice_thickness`` of the volume (what ``ldct-clip simulate`` uses). ``s_k``
-    hashes the caller's volume name and ``k``, so patients of the same size do not share their noise draws.
+    low-dose slice in the model range. Its dose, FBP filter and slice thickness are the level
+    ``settings.level(k, name)``: one level for all, or a mixture (``SimulationSettings``). The volume is
+    simulated in the same orientation as :class:`VolumeSliceCache` stores its slices, so noise slice ``z``
+    lies exactly on clean slice ``z``; padding outside the field of view gets no noise. The slice thickness
+    is, unless set, ``ldct_clip.simulation.slice_thickness`` of the volume (what ``ldct-clip simulate``
+    uses). ``s_k`` hashes the caller's volume name and ``k``, so patients of the same size do not share
+    their noise draws.
 
     Each realisation is a float32 ``.npy`` file (Z, H, W), read back memory-mapped, named by a hash of the
-    volume's path, size and modification times, the normalisation, the dose, the realisation's seed and
-    the simulation settings: a second dataset construction simulates nothing.
+    volume's path, size and modification times, the normalisation, the realisation's seed and every
+    setting of its simulation (dose, photons, views, thickness, filter): a second dataset construction
+    simulates nothing.
 
     Args:
         cache_dir: folder of the ``.npy`` cache files (created when needed).
-        settings: dose, photons, views, thickness, realisations and workers of the simulation.
+        settings: dose(s), photons, views, thickness(es), filter(s), realisations and workers of the
+            simulation.
         orientation: axis codes of the slices (as :class:`VolumeSliceCache`).
         hu_range: HU interval of the model range (as :class:`VolumeSliceCache`).
     """
@@ -141,9 +145,10 @@ class SimulatedNoiseCache(VolumeSliceCache):
         """The simulation seed of realisation ``k`` of the volume called ``name`` (stable across machines)."""
         return int(hashlib.sha256(f"{name}|{k}".encode()).hexdigest()[:8], 16)
 
-    def _noise_key(self, path: Path, seed: int) -> str:
-        s = self.settings
-        simulation = f"{s.dose}|{seed}|{self.photons}|{self.n_views}|{s.slice_thickness}"
+    def _noise_key(self, path: Path, seed: int, level: NoiseLevel) -> str:
+        simulation = f"{level.dose}|{seed}|{self.photons}|{self.n_views}|{level.slice_thickness}"
+        if level.filter_name != "ramp":  # the ramp filter is implied: single-level keys are what they were
+            simulation += f"|{level.filter_name}"
         params = f"{self._key(path)}|noise|{simulation}|v1"
         return hashlib.sha256(params.encode()).hexdigest()[:32]
 
@@ -155,33 +160,41 @@ class SimulatedNoiseCache(VolumeSliceCache):
         Args:
             path: NIfTI file or DICOM series folder.
             realizations: how many independent realisations (None: ``settings.realizations``).
-            name: the volume's name for the seeds (the patient id; default the file/folder name).
+            name: the volume's name for the seeds and levels (the patient id; default the file/folder name).
         """
         s = self.settings
         path = Path(path)
         name = path.name if name is None else name
         count = s.realizations if realizations is None else int(realizations)
         seeds = [self.realization_seed(name, k) for k in range(count)]
-        targets = [self.cache_dir / f"{self._noise_key(path, seed)}.npy" for seed in seeds]
+        levels = [s.level(k, name) for k in range(count)]
+        targets = [
+            self.cache_dir / f"{self._noise_key(path, seed, level)}.npy" for seed, level in zip(seeds, levels)
+        ]
         volume = None
-        for k, (seed, target) in enumerate(zip(seeds, targets)):
+        for k, (seed, level, target) in enumerate(zip(seeds, levels, targets)):
             if target.exists():
                 continue
             if volume is None:
                 volume = self.load_oriented(path)
                 hu = torch.as_tensor(volume).detach().cpu().numpy()[0].astype(np.float32)
-                thickness = slice_thickness(volume) if s.slice_thickness is None else s.slice_thickness
+                own_thickness = slice_thickness(volume)
+            thickness = own_thickness if level.slice_thickness is None else level.slice_thickness
             if s.progress:
-                tqdm.write(f"simulating training noise of {name} ({k + 1}/{len(seeds)}, dose {s.dose:g})")
+                what = f"dose {level.dose:g}"
+                if s.is_mixture:
+                    what += f", {level.filter_name} filter, {thickness:g} mm"
+                tqdm.write(f"simulating training noise of {name} ({k + 1}/{len(seeds)}, {what})")
             low = simulate_low_dose(
                 volume,
-                s.dose,
+                level.dose,
                 photons=self.photons,
                 n_views=self.n_views,
                 seed=seed,
                 workers=s.workers,
                 progress=s.progress,
                 slice_thickness=thickness,
+                filter_name=level.filter_name,
             )
             noise = (torch.as_tensor(low).detach().cpu().numpy()[0] - hu) / (
                 self.hu_range[1] - self.hu_range[0]

@@ -29,10 +29,13 @@ logger = logging.getLogger(__name__)
 #: Slices per forward pass. CPU: 2 keeps 512x512x300 within "volume + 1.5 GB" of memory. GPU: a starting
 #: point that the memory bound (``ldct_clip.inference.memory``) lowers where the GPU is small.
 DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 16}
-#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default:
-#: float32. bf16 cost 0.074 dB PSNR with trained CT weights on held-out simulated quarter dose, over the
-#: 0.05 dB allowed (benchmarks/README.md), so bf16 on CPU is opt-in (``amp="bf16"``, ``--amp``).
-CPU_AMP_DEFAULT: torch.dtype | None = None
+#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default: bf16,
+#: with the network's output convolution in float32 (``CLIPDenoiser.infer``, the ``eager_infer`` and
+#: ``inductor`` backends). Measured with the shipped CT weights on held-out simulated quarter dose: 0.006 dB
+#: (paper) and 0.011 dB (redcnn) PSNR below float32, under the 0.05 dB allowed, at about twice the float32
+#: speed (benchmarks/README.md). Rounding the output image itself to bf16 would cost 0.06-0.19 dB, which is
+#: why the backends that keep the output convolution in float32 are the only bf16 candidates.
+CPU_AMP_DEFAULT: torch.dtype | None = torch.bfloat16
 
 _AMP_NAMES = {
     "bf16": torch.bfloat16,

@@ -10,6 +10,7 @@ from torch import nn
 
 from ldct_clip.conventions import ORIENTATION
 from ldct_clip.errors import InputError
+from ldct_clip.inference.backends import prepare_network
 from ldct_clip.inference.device import default_batch_size, default_channels_last, resolve_amp, resolve_device
 from ldct_clip.inference.inferers import CTSliceInferer
 from ldct_clip.inference.predictor import PAD_MULTIPLE, SlicePredictor
@@ -29,13 +30,14 @@ def denoise_volume(
     blend: str = "constant",
     axcodes: str | None = ORIENTATION,
     channels_last: bool | None = None,
+    backend: str = "auto",
     inplace: bool = False,
     progress: bool = True,
 ) -> MetaTensor:
     """Denoise a CT volume in Hounsfield units, slice by slice; HU in, HU out.
 
-    The same pieces the CT bundle's ``inference.json`` composes (:class:`SlicePredictor` inside a
-    :class:`CTSliceInferer`), for a volume already in memory. The volume stays where it is (host memory);
+    The same pieces the CT bundle's ``inference.json`` composes (the network run by its backend in a
+    :class:`SlicePredictor` inside a :class:`CTSliceInferer`), for a volume already in memory. The volume stays where it is (host memory);
     batches of slices go to ``device`` and come back, converted to the model range and back on the fly.
     Voxels outside the scanner's field of view (padding values) come back unchanged.
 
@@ -51,8 +53,9 @@ def denoise_volume(
         blend: ``"constant"`` or ``"gaussian"`` weighting of overlapping windows.
         axcodes: orientation the network sees the slices in (the training data's, ``"LPS"``: DICOM's
             display orientation); the output is returned in the input's orientation. None: as stored.
-        channels_last: run the network in NHWC memory format (converts ``model`` in place); None: the
-            measured default for the device.
+        channels_last: run the network in NHWC memory format; None: the measured default for the device.
+        backend: how the network runs (:func:`~ldct_clip.inference.prepare_network`): ``"auto"`` measures the
+            available backends once per machine and batch shape; or a name of ``BACKENDS``.
         inplace: overwrite ``volume_hu`` with the result (whole slices only) so that the volume is held in
             memory once.
         progress: tqdm bar over slices.
@@ -75,12 +78,14 @@ def denoise_volume(
         volume = volume.float()
     compute_device = resolve_device(device)
     model = model.to(compute_device).eval()
-    predictor = SlicePredictor(
+    network = prepare_network(
         model,
-        multiple=PAD_MULTIPLE,
+        backend=backend,
+        device=compute_device,
         amp_dtype=resolve_amp(amp, compute_device),
         channels_last=default_channels_last(compute_device) if channels_last is None else channels_last,
     )
+    predictor = SlicePredictor(network, multiple=PAD_MULTIPLE)
     inferer = CTSliceInferer(
         sw_batch_size=batch_size or default_batch_size(compute_device),
         axcodes=axcodes,

@@ -220,8 +220,9 @@ class CLIPDenoiser(nn.Module):
         broadcast multiply, ``last`` (3x3 conv to one channel, slow in oneDNN) goes through
         :func:`~ldct_clip.networks.decoder.conv3x3_by_taps`, the decoder's activations are in place, and
         the image tap is laid out like the network's weights (NHWC networks get NHWC taps, so that the
-        concatenation does not fall back to NCHW). No feature augmentation: call it in eval mode, under
-        ``torch.no_grad()`` or ``torch.inference_mode()`` (in-place activations).
+        concatenation does not fall back to NCHW). Under autocast, ``last`` still runs in float32. No feature
+        augmentation: call it in eval mode, under ``torch.no_grad()`` or ``torch.inference_mode()``
+        (in-place activations).
         """
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.size_multiple)
@@ -235,5 +236,8 @@ class CLIPDenoiser(nn.Module):
         y = taps[-1]
         for i, step in enumerate(self.up_path):
             y = step.infer(y, None if i == 0 else taps[-1 - i])
-        y = conv3x3_by_taps(y, self.last.weight, self.last.bias)
+        # The output conv in float32 even under autocast: a bf16 output rounds the image to 8 bits of
+        # mantissa (~8 HU), which is most of what bf16 costs in PSNR (benchmarks/README.md).
+        with torch.autocast(y.device.type, enabled=False):
+            y = conv3x3_by_taps(y.float(), self.last.weight.float(), self.last.bias)
         return y[..., :height, :width]

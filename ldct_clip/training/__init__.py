@@ -18,7 +18,11 @@ Handlers with collectives or state (checkpointing, validation, LR schedule, clip
 only the logging handlers are rank 0's. Validation runs in full on every rank, so every rank sees the same
 key metric and the "best" checkpoint decision agrees.
 
-Modules: ``mixup``, ``handlers`` (gradient clipping, LR logging, progress bar, stream position,
+Training step: :class:`TrainingStepInferer` (module ``precision``) runs the network in the step's precision
+and memory format (``train_precision``, ``train_memory_format`` in the train configs; ``"auto"``: the faster
+one measured at the first iteration), also on CPUs, where MONAI's ``amp`` does not autocast.
+
+Modules: ``mixup``, ``precision``, ``handlers`` (gradient clipping, LR logging, progress bar, stream position,
 checkpoints, final model), ``resume`` (seeding, RNG state, resuming), ``schedules`` (rounds and the LR
 schedule), ``distributed``, ``validation`` (the padded validation inferer), ``recalibration``.
 """
@@ -36,6 +40,12 @@ from ldct_clip.training.handlers import TrainingCheckpointer as TrainingCheckpoi
 from ldct_clip.training.handlers import TrainingProgressBar as TrainingProgressBar
 from ldct_clip.training.handlers import trainable_parameters as trainable_parameters
 from ldct_clip.training.mixup import Mixup as Mixup
+from ldct_clip.training.precision import StepFormat as StepFormat
+from ldct_clip.training.precision import TrainingStepInferer as TrainingStepInferer
+from ldct_clip.training.precision import candidate_formats as candidate_formats
+from ldct_clip.training.precision import choose_step_format as choose_step_format
+from ldct_clip.training.precision import cuda_amp_kwargs as cuda_amp_kwargs
+from ldct_clip.training.precision import measure_step_formats as measure_step_formats
 from ldct_clip.training.recalibration import recalibrate_encoder_bn as recalibrate_encoder_bn
 from ldct_clip.training.resume import NetworkConfig as NetworkConfig
 from ldct_clip.training.resume import ResumeFromCheckpoint as ResumeFromCheckpoint

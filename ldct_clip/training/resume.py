@@ -65,25 +65,37 @@ def _set_rng_state(state: dict) -> None:
 
 class TrainingState:
     """The random-number state of a run, as an object with ``state_dict``/``load_state_dict`` for
-    ``CheckpointSaver``/``CheckpointLoader``: python, numpy, torch and cuda generators of every rank.
+    ``CheckpointSaver``/``CheckpointLoader``: python, numpy, torch and cuda generators of every rank, and
+    the training step's format (precision, memory format) when ``step`` is given.
 
     In a distributed run ``state_dict`` gathers every rank's state (a collective call: ``CheckpointSaver``
     must run on every rank, which is how ignite expects it) and ``load_state_dict`` gives each rank its
     own; a checkpoint from a different world size restores rank ``r mod n``'s state.
+
+    Args:
+        step: the trainer's ``ldct_clip.training.TrainingStepInferer``, whose measured format a resumed run
+            keeps (a format measured again could differ, and with it the numbers). Stored here rather
+            than as an entry of its own so that checkpoints written without it still load.
     """
+
+    def __init__(self, step=None) -> None:
+        self.step = step
 
     def state_dict(self) -> dict:
         state = _rng_state()
+        step = {"step": self.step.state_dict()} if self.step is not None else {}
         if dist.is_available() and dist.is_initialized():
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, state)
-            return {"ranks": gathered}
-        return {"ranks": [state]}
+            return {"ranks": gathered, **step}
+        return {"ranks": [state], **step}
 
     def load_state_dict(self, state: dict) -> None:
         ranks = state["ranks"]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         _set_rng_state(ranks[rank % len(ranks)])
+        if self.step is not None:
+            self.step.load_state_dict(state.get("step", {}))
 
 
 class NetworkConfig:

@@ -10,6 +10,8 @@ Two noise models, each an array transform with its dictionary twin:
   precomputed realisations of the slice's noise. Simulating takes seconds per slice, far too slow per
   training sample, so ``ldct_clip.data.caches.SimulatedNoiseCache`` simulates each volume
   :attr:`SimulationSettings.realizations` times once, and these transforms pick one realisation per sample.
+  The settings may be a mixture (lists of doses, reconstruction filters and slice thicknesses, one
+  :class:`NoiseLevel` per realisation), so that one model sees the range of real low-dose scans.
   The datasets (``ldct_clip.data.ct_dataset``) read the :class:`SimulationSettings` of the transform they
   are given to fill that cache.
 
@@ -23,6 +25,7 @@ added in float64 for validation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
@@ -32,12 +35,14 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms import MapTransform, RandGaussianNoised, Randomizable, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
+from ldct_clip.conventions import FBP_FILTERS
 from ldct_clip.errors import InputError
 
 __all__ = [
     "TRAIN_NOISE_STD",
     "CTGaussianNoise",
     "CTGaussianNoised",
+    "NoiseLevel",
     "SimulatedCTNoise",
     "SimulatedCTNoised",
     "SimulationSettings",
@@ -48,49 +53,114 @@ TRAIN_NOISE_STD = 5.0 / 255.0
 
 
 @dataclass(frozen=True)
+class NoiseLevel:
+    """The simulation settings of one noise realisation.
+
+    Args:
+        dose: dose fraction in (0, 1].
+        filter_name: FBP filter the noise is reconstructed with (``ldct_clip.conventions.FBP_FILTERS``, ramp
+            the sharpest kernel, hann the smoothest).
+        slice_thickness: slice thickness in mm (None: the volume's own).
+    """
+
+    dose: float
+    filter_name: str = "ramp"
+    slice_thickness: float | None = None
+
+
+def _one_or_many(value, kind, name: str) -> tuple:
+    """``value`` (one setting or a list of them) as a non-empty tuple of ``kind`` (None kept)."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not values:
+        raise InputError(f"{name}=[] needs at least one value")
+    return tuple(None if v is None else kind(v) for v in values)
+
+
+@dataclass(frozen=True)
 class SimulationSettings:
     """How the simulated training noise is made: the settings of ``ldct_clip.simulation.simulate_low_dose``
     and the number of cached realisations per volume.
 
+    ``dose``, ``slice_thickness`` and ``filter_name`` each take one value (every realisation alike) or a
+    list: a mixture of noise levels. The mixture's levels are all the combinations of the lists
+    (:attr:`levels`, dose varying fastest); realisation ``k`` of the volume called ``name`` is the level
+    ``(offset(name) + k) % len(levels)`` (:meth:`level`), so a volume's realisations are distinct levels
+    (all of them when ``realizations >= len(levels)``) and volumes start at different levels, which spreads
+    the combinations over the training set when there are fewer realisations than levels.
+
     Args:
-        dose: dose fraction of the simulated scan (0.25: quarter dose).
+        dose: dose fraction(s) of the simulated scan (0.25: quarter dose).
         realizations: independent noise realisations simulated per volume (one is drawn per sample).
         photons: full-dose photon count (None: ``ldct_clip.simulation.DEFAULT_PHOTONS``).
         n_views: projection angles (None: ``ldct_clip.simulation.DEFAULT_N_VIEWS``); fewer is faster.
-        slice_thickness: slice thickness in mm (None: each volume's own, ``ldct_clip.simulation.slice_thickness``).
+        slice_thickness: slice thickness(es) in mm (None: each volume's own,
+            ``ldct_clip.simulation.slice_thickness``); thinner slices are noisier.
         workers: simulation processes (None: one per CPU).
         progress: show the simulation's progress bars.
+        filter_name: FBP filter(s) of the noise (``ldct_clip.conventions.FBP_FILTERS``): reconstruction
+            kernels from sharp (ramp) to smooth (hann).
 
     Raises:
-        InputError: a dose outside (0, 1] or fewer than one realisation.
+        InputError: a dose outside (0, 1], a thickness that is not positive, an unknown filter, an empty
+            list or fewer than one realisation.
     """
 
-    dose: float = 0.25
+    dose: float | tuple[float, ...] = 0.25
     realizations: int = 2
     photons: float | None = None
     n_views: int | None = None
-    slice_thickness: float | None = None
+    slice_thickness: float | tuple[float | None, ...] | None = None
     workers: int | None = None
     progress: bool = True
+    filter_name: str | tuple[str, ...] = "ramp"
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.dose) <= 1.0:
-            raise InputError(
-                f"dose={self.dose} must be a dose fraction in (0, 1], e.g. 0.25 for quarter dose"
-            )
+        doses = _one_or_many(self.dose, float, "dose")
+        if not all(d is not None and 0.0 < d <= 1.0 for d in doses):
+            raise InputError(f"dose={self.dose} must be dose fractions in (0, 1], e.g. 0.25 for quarter dose")
+        thicknesses = _one_or_many(self.slice_thickness, float, "slice_thickness")
+        if not all(t is None or t > 0 for t in thicknesses):
+            raise InputError(f"slice_thickness={self.slice_thickness} must be thicknesses in mm above 0")
+        filters = _one_or_many(self.filter_name, str, "filter_name")
+        unknown = [f for f in filters if f not in FBP_FILTERS]
+        if unknown:
+            raise InputError(f"filter_name {unknown} unknown: choose from {', '.join(FBP_FILTERS)}")
         if int(self.realizations) < 1:
             raise InputError(f"realizations={self.realizations} must be at least 1")
-        # frozen: normalise the types once (config files give ints for floats and the reverse)
-        object.__setattr__(self, "dose", float(self.dose))
+        # frozen: normalise the types once (config files give ints for floats, lists for tuples); a list of
+        # one value is that value, so a one-level mixture is the single level, cache files included
+        for name, values in (("dose", doses), ("slice_thickness", thicknesses), ("filter_name", filters)):
+            object.__setattr__(self, name, values[0] if len(values) == 1 else values)
         object.__setattr__(self, "realizations", int(self.realizations))
-        for name, kind in (
-            ("photons", float),
-            ("n_views", int),
-            ("slice_thickness", float),
-            ("workers", int),
-        ):
+        for name, kind in (("photons", float), ("n_views", int), ("workers", int)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @property
+    def levels(self) -> tuple[NoiseLevel, ...]:
+        """Every combination of the dose, filter and thickness settings, dose varying fastest."""
+        return tuple(
+            NoiseLevel(dose, filter_name, thickness)
+            for thickness in _one_or_many(self.slice_thickness, float, "slice_thickness")
+            for filter_name in _one_or_many(self.filter_name, str, "filter_name")
+            for dose in _one_or_many(self.dose, float, "dose")
+        )
+
+    @property
+    def is_mixture(self) -> bool:
+        """More than one noise level."""
+        return len(self.levels) > 1
+
+    def level(self, k: int, name: str = "") -> NoiseLevel:
+        """The noise level of realisation ``k`` of the volume called ``name`` (see the class docstring).
+
+        Args:
+            k: realisation index.
+            name: the volume's name (the patient id), which sets where its cycle through the levels starts.
+        """
+        levels = self.levels
+        offset = int(hashlib.sha256(f"{name}|levels".encode()).hexdigest()[:8], 16) if len(levels) > 1 else 0
+        return levels[(offset + int(k)) % len(levels)]
 
 
 class _SeedableByGenerator(Randomizable):
