@@ -1,5 +1,6 @@
 """Shared test set-up: deterministic, CPU-only, small thread pool (CI has 2 cores)."""
 
+import logging
 import os
 
 import numpy as np
@@ -14,3 +15,23 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def _loggers() -> list[logging.Logger]:
+    manager = logging.Logger.manager
+    return [
+        logging.getLogger(),
+        *(lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers():
+    """Drop logging handlers a test leaves behind: ``ldct-clip train`` applies the bundle's logging.conf, whose
+    console handler holds the stdout pytest captured for that test and closes after it."""
+    before = {id(logger): list(logger.handlers) for logger in _loggers()}
+    yield
+    for logger in _loggers():
+        for handler in list(logger.handlers):
+            if handler not in before.get(id(logger), []):
+                logger.removeHandler(handler)

@@ -234,3 +234,29 @@ def test_auto_does_not_probe_batches_smaller_than_a_slice():
         prepared(torch.rand(2, 1, 32, 48))
     assert prepared.chosen == "eager_infer"
     assert not (backends.backend_cache_dir() / "backend_choice.json").exists()
+
+
+def _signal_stack() -> tuple[int, int, int]:
+    import ctypes
+
+    stack = backend_runners._SignalStackKept._Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    return stack.ss_sp or 0, stack.ss_flags, stack.ss_size
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("openvino" not in CPU_BACKENDS, reason="openvino is not installed (optional extra)")
+def test_openvino_leaves_the_signal_stack_as_it_was(shipped_case, tmp_path_factory, monkeypatch):
+    """OpenVINO's compile installs its own alternate signal stack and frees it with the model: Ctrl-C then
+    crashed the process (Python's handlers run on that stack) instead of removing the staged output."""
+    import gc
+
+    # the ONNX export of the shipped weights that the equality test above made
+    monkeypatch.setenv("LDCT_CLIP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "shared-cache"))
+    before = _signal_stack()
+    prepared = prepare_network(shipped_network(), "openvino", device="cpu")
+    prepared(shipped_case[0][1])
+    assert _signal_stack() == before
+    del prepared
+    gc.collect()
+    assert _signal_stack() == before

@@ -51,6 +51,7 @@ from ldct_clip.io import (
     staged_output,
 )
 from ldct_clip.io import staging as staging_module
+from ldct_clip.io.jobs import plan_ct_jobs
 from ldct_clip.io.manifest import (
     is_ldct_clip_output,
     manifest_problems,
@@ -485,6 +486,9 @@ def test_format_follows_content_not_name(tmp_path, source, volume):
     loaded = load_ct(misnamed)
     assert loaded.meta["source_kind"] == "nifti" and float((loaded - volume).abs().max()) <= 0.5
     np.testing.assert_allclose(loaded.affine.numpy(), volume.affine.numpy(), atol=1e-5)
+    # the command plans it the same way: sized from its header before any work, written as NIfTI
+    (job,) = plan_ct_jobs(misnamed, tmp_path / "out.nii.gz", output_format="auto")
+    assert "error" not in job and str(job["output"]).endswith("out.nii.gz")
     plain = tmp_path / "y.img"
     nib.save(nib.Nifti1Image(np.ones((4, 5, 3), np.int16), np.eye(4)), tmp_path / "y.nii")
     os.rename(tmp_path / "y.nii", plain)

@@ -120,8 +120,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
+    # --amp auto keeps the bundle's own default (the image bundles run float32 on CPUs)
     return {
-        "amp": args.amp,
+        **({} if args.amp == "auto" else {"amp": args.amp}),
         "progress": not args.no_progress,
         "overwrite": args.overwrite,
         "command": shlex.join(["ldct-clip", *sys.argv[1:]]),

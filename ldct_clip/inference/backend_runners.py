@@ -255,26 +255,61 @@ def _build_onnxruntime(network: nn.Module, example: torch.Tensor) -> Callable:
     return run
 
 
-def _build_openvino(network: nn.Module, example: torch.Tensor) -> Callable:
-    import openvino as ov
+class _SignalStackKept:
+    """Restore the calling thread's alternate signal stack on exit.
 
-    core = ov.Core()
-    model = core.read_model(str(_onnx_file(network, example)))
-    model.reshape({0: list(example.shape)})  # static shapes: OpenVINO's fastest kernels
-    config = {
-        # bf16 is OpenVINO's default on CPUs with bf16 units: not the float32 network any more
-        "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    OpenVINO's CPU plugin replaces the thread's ``sigaltstack`` with a buffer of its own when it compiles a
+    model, and frees that buffer with the model without restoring the previous stack (seen with openvino
+    2026.4). Python runs its SIGINT/SIGTERM handlers on the alternate stack, so Ctrl-C or SIGTERM after an
+    OpenVINO model was freed crashed the process (SIGSEGV) instead of removing the staged output.
+    """
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        request.infer({0: x.detach().cpu().float().contiguous().numpy()})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    class _Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
-    return run
+    _libc = None
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError):
+            _libc = ctypes.CDLL(None, use_errno=True)
+
+    def __enter__(self) -> None:
+        self.saved = self._Stack()
+        if self._libc is None or self._libc.sigaltstack(None, ctypes.byref(self.saved)) != 0:
+            self.saved = None
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            self._libc.sigaltstack(ctypes.byref(self.saved), None)
+
+
+class _OpenVinoRunner:
+    """An OpenVINO compiled model and its infer request, built, run and freed with the signal stack kept."""
+
+    def __init__(self, network: nn.Module, example: torch.Tensor) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(_onnx_file(network, example)))
+        model.reshape({0: list(example.shape)})  # static shapes: OpenVINO's fastest kernels
+        config = {
+            # bf16 is OpenVINO's default on CPUs with bf16 units: not the float32 network any more
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        with _SignalStackKept():
+            self.compiled = core.compile_model(model, "CPU", config)
+            self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with _SignalStackKept():
+            self.request.infer({0: x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+    def __del__(self) -> None:
+        with _SignalStackKept():
+            self.__dict__.pop("request", None)
+            self.__dict__.pop("compiled", None)
 
 
 def _build_torch(
@@ -310,7 +345,7 @@ def build_backend(
     if name == "onnxruntime":
         runner = _build_onnxruntime(network, example)
     elif name == "openvino":
-        runner = _build_openvino(network, example)
+        runner = _OpenVinoRunner(network, example)
     else:
         runner = _build_torch(name, network, device, amp_dtype, channels_last)
         if device.type == "cuda":

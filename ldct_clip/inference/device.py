@@ -26,9 +26,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Slices per forward pass. CPU: 2 keeps 512x512x300 within "volume + 1.5 GB" of memory. GPU: a starting
-#: point that the memory bound (``ldct_clip.inference.memory``) lowers where the GPU is small.
-DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 16}
+#: Slices per forward pass. CPU: 1, as fast as 2 within 2 % on 2 cores (a 512x512 slice already fills them)
+#: and one slice's working set less: what keeps 512x512x300 within "volume + 1.5 GB" (benchmarks/README.md).
+#: GPU: a starting point that the memory bound (``ldct_clip.inference.memory``) lowers where the GPU is small.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
 #: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default: bf16,
 #: with the network's output convolution in float32 (``CLIPDenoiser.infer``, the ``eager_infer`` and
 #: ``inductor`` backends). Measured with the shipped CT weights on held-out simulated quarter dose: 0.006 dB

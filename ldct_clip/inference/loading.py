@@ -89,6 +89,11 @@ class WeightsLoader(CheckpointLoader):
                 f"metadata.json says {self.expected_sha256[:12]}...): the copy is damaged or a Git LFS pointer; "
                 f"reinstall ldct-clip, or {self.hint}"
             )
+        if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (or, legacy, a pickle)
+            raise WeightsError(
+                f"cannot read weights {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle; "
+                f"{len(data)} bytes): {self.hint}"
+            )
         try:
             checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a damaged or foreign file

@@ -186,7 +186,8 @@ def write_dataset(ds: Dataset, path: Path, transfer_syntax: str | UID = Explicit
 
 
 def _as_volume(volume) -> np.ndarray:
-    return single_channel_array(volume, "DICOM").astype(np.float64)
+    # no float64 copy of the volume (2x its float32 size at 512x512x300): encode_pixels widens slice by slice
+    return single_channel_array(volume, "DICOM")
 
 
 def _uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:
@@ -278,6 +279,7 @@ def save_dicom_series(
     description_suffix: str | None = None,
     provenance: Provenance | None = None,
     command: str = "",
+    progress: bool = True,
 ) -> Path:
     """Write ``volume`` (HU) as a derived CT series of the DICOM series at ``source``.
 
@@ -303,6 +305,7 @@ def save_dicom_series(
             ContributingEquipmentSequence) and in the manifest; default: denoised by ``model_name``, or,
             with ``derivation`` given, a derived series of unnamed kind.
         command: the command line recorded in the manifest (default: this process's).
+        progress: a progress bar while a long series (64 slices or more) is written.
 
     Returns:
         the output folder.
@@ -378,7 +381,7 @@ def save_dicom_series(
         needed_bytes=needed,
     ) as tmp:
         for k, header in enumerate(
-            tqdm(headers, desc="writing DICOM", unit="slice", disable=len(headers) < 64)
+            tqdm(headers, desc="writing DICOM", unit="slice", disable=len(headers) < 64 or not progress)
         ):
             src = header.dataset
             ds = _derived_dataset(src, new_series_uid, number, description, provenance, derivation, study_uid)

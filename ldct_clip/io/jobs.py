@@ -12,13 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import nibabel as nib
-import SimpleITK as sitk
-
 from ldct_clip.errors import InputError, OutputError
 from ldct_clip.io.dicom_series import DicomSeries, scan_dicom, select_series
 from ldct_clip.io.images import IMAGE_SUFFIXES, list_images
-from ldct_clip.io.load import sniff_format
+from ldct_clip.io.load import nifti_shape, sniff_format
 from ldct_clip.io.preflight import check_output, check_readable, dicom_series_bytes, nifti_bytes
 from ldct_clip.io.staging import check_output_path
 
@@ -130,8 +127,10 @@ def _volume_shape(image: DicomSeries | Path, kind: str) -> tuple[int, int, int]:
         first = image.headers[0].dataset
         return int(first.Columns), int(first.Rows), image.n_slices
     if kind == "nifti":
-        shape = tuple(int(s) for s in nib.load(str(image)).shape)
+        shape = nifti_shape(image)
     else:
+        import SimpleITK as sitk  # here: ~100 MB resident that DICOM and NIfTI runs never need
+
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(image))
         reader.ReadImageInformation()

@@ -53,7 +53,12 @@ def save_nifti(
     array = single_channel_array(volume, "NIfTI")
     if not np.isfinite(array).all():
         raise OutputError("volume contains NaN/Inf values; nothing written")
-    hu = np.clip(np.rint(array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+    # one float temporary, clipped in place: the volume is held twice, not three times (integer input is
+    # widened first: np.rint would make float16 of int16)
+    rounded = np.rint(array) if np.issubdtype(array.dtype, np.floating) else array.astype(np.float64)
+    np.clip(rounded, np.iinfo(np.int16).min, np.iinfo(np.int16).max, out=rounded)
+    hu = rounded.astype(np.int16)
+    del rounded
     image = nib.Nifti1Image(hu, affine)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)

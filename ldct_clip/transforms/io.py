@@ -47,10 +47,12 @@ class LoadCT(Transform):
 
     Args:
         series_uid: which series to take from a folder holding several (None: the only one).
+        progress: a progress bar while a long series is decoded.
     """
 
-    def __init__(self, series_uid: str | None = None) -> None:
+    def __init__(self, series_uid: str | None = None, progress: bool = True) -> None:
         self.series_uid = series_uid
+        self.progress = progress
 
     def __call__(self, source: str | os.PathLike | DicomSeries | MetaTensor) -> MetaTensor:
         """
@@ -65,8 +67,8 @@ class LoadCT(Transform):
                 "no input given: pass --input PATH (a DICOM series folder or file, NIfTI, .mha/.nrrd)"
             )
         if isinstance(source, DicomSeries):
-            return load_ct(source)
-        return load_ct(source, series_uid=self.series_uid)
+            return load_ct(source, progress=self.progress)
+        return load_ct(source, series_uid=self.series_uid, progress=self.progress)
 
 
 class LoadCTd(MapTransform):
@@ -75,14 +77,19 @@ class LoadCTd(MapTransform):
     Args:
         keys: keys of the sources to load.
         series_uid: which series to take from a folder holding several (None: the only one).
+        progress: a progress bar while a long series is decoded.
         allow_missing_keys: don't raise if a key is missing.
     """
 
     def __init__(
-        self, keys: KeysCollection, series_uid: str | None = None, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        series_uid: str | None = None,
+        progress: bool = True,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadCT(series_uid=series_uid)
+        self.loader = LoadCT(series_uid=series_uid, progress=progress)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -107,6 +114,7 @@ class SaveCT(Transform):
         overwrite: replace existing outputs (only outputs ldct-clip wrote).
         provenance: what made the volume (:class:`ldct_clip.io.provenance.Provenance`, or a callable
             returning it), recorded in every output.
+        progress: a progress bar while a long series is written.
     """
 
     def __init__(
@@ -116,12 +124,14 @@ class SaveCT(Transform):
         description: str | None = None,
         overwrite: bool = False,
         provenance: ProvenanceSource = None,
+        progress: bool = True,
     ) -> None:
         self.output = Path(output)
         self.output_format = output_format
         self.description = description
         self.overwrite = overwrite
         self.provenance = provenance
+        self.progress = progress
 
     def __call__(self, volume: torch.Tensor, series: DicomSeries | None = None) -> torch.Tensor:
         """
@@ -159,6 +169,7 @@ class SaveCT(Transform):
                 description=self.description,
                 overwrite=self.overwrite,
                 provenance=provenance,
+                progress=self.progress,
             )
         else:
             targets["nifti"].parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +193,7 @@ class SaveCTd(MapTransform):
         output_key: the item's key holding its output path.
         format_key: the item's key holding its output format.
         series_key: the item's key holding the source :class:`~ldct_clip.io.DicomSeries` (job planning's).
+        progress: a progress bar while a long series is written.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -196,10 +208,12 @@ class SaveCTd(MapTransform):
         output_key: str = "output",
         format_key: str = "output_format",
         series_key: str = "series",
+        progress: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.series_key = series_key
+        self.progress = progress
         self.output = output
         self.output_format = output_format
         self.description = description
@@ -219,6 +233,7 @@ class SaveCTd(MapTransform):
             description=self.description,
             overwrite=self.overwrite,
             provenance=self.provenance,
+            progress=self.progress,
         )
         series = d.get(self.series_key)
         for key in self.key_iterator(d):
