@@ -102,7 +102,15 @@ def run_denoise(
         env.update(HOME=str(home), MPLCONFIGDIR=str(home), XDG_CACHE_HOME=str(home), TMPDIR=str(home))
     argv = [*prefix, sys.executable, "-m", "ldct_clip", "denoise", str(source), str(output)]
     argv += ["--weights", str(assets["weights"]), "--device", "cpu", "--no-progress", *TINY_SET, *options]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, preexec_fn=preexec)
+
+    def child_setup() -> None:
+        # a test run started in the background (`pytest &`, nohup) ignores SIGINT, and children inherit
+        # that; the command must meet SIGINT as a user's terminal sends it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec is not None:
+            preexec()
+
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, preexec_fn=child_setup)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, *phrases: str) -> str:

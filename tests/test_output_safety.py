@@ -263,8 +263,13 @@ def test_storage_errors_become_one_line_and_leave_nothing(
 def test_sigint_and_sigterm_remove_the_staging(tmp_path, source, volume, monkeypatch):
     monkeypatch.setattr(staging_module, "_fault_hits", {})
     monkeypatch.setenv(FAULT_ENV, "sigint@slice-written#3")
-    with pytest.raises(KeyboardInterrupt):
-        _denoised(volume, source, tmp_path / "den")
+    # Python's own SIGINT handler, also where the test run was started in the background (SIGINT ignored)
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _denoised(volume, source, tmp_path / "den")
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
     previous = install_signal_handlers()
     try:
