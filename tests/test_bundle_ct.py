@@ -73,6 +73,7 @@ def test_bundle_layout_and_resolution(tmp_path):
         resolve_bundle(tmp_path)
 
 
+@pytest.mark.slow
 def test_bundle_run_equals_the_cli(tmp_path):
     weights = tiny_checkpoint(tmp_path / "tiny.pt")
     series = phantom_series(tmp_path / "series")
@@ -126,6 +127,7 @@ def test_ckpt_export_torchscript(tmp_path):
         assert json.loads(archive.read(metadata))["version"] == json.loads(META.read_text())["version"]
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_the_bundle(tmp_path):
     pytest.importorskip("setuptools")
     root = BUNDLE.parents[1]

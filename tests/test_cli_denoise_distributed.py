@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from denoise_helpers import TINY_SET, phantom_series, tiny_checkpoint
 
 from ldct_clip.io import load_ct
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_series(tmp_path):
     weights = tiny_checkpoint(tmp_path / "tiny.pt")
     tree = tmp_path / "tree"
@@ -29,6 +31,7 @@ def test_two_ranks_split_the_series(tmp_path):
         assert load_ct(out / f"patient{i}").shape == (1, 64, 64, 4)
 
 
+@pytest.mark.slow
 def test_a_failing_series_makes_every_rank_exit_non_zero(tmp_path):
     weights = tiny_checkpoint(tmp_path / "tiny.pt")
     tree = tmp_path / "tree"
