@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from ignite.engine import Events
 
 from ldct_clip.bundles import resolve_bundle
-from ldct_clip.cli.train import config_workflow
+from ldct_clip.cli.train import train_recording_losses
 from ldct_clip.data.phantom import write_phantom_nifti
 
 
@@ -53,19 +51,7 @@ def phantoms(folder: Path) -> list[str]:
 
 def loss_curve(config: str, overrides: dict) -> tuple[list[float], str, float]:
     """Per-iteration losses of one run, the step format it used and its seconds per iteration."""
-    workflow = config_workflow([config], overrides)
-    losses: list[float] = []
-    try:
-        workflow.initialize()
-        trainer = workflow.parser.get_parsed_content("train#trainer")
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item())
-        )
-        start = time.perf_counter()
-        workflow.run()
-        seconds = time.perf_counter() - start
-    finally:
-        workflow.finalize()
+    losses, trainer, seconds = train_recording_losses([config], overrides)
     return losses, str(trainer.inferer.format), seconds / len(losses)
 
 

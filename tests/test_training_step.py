@@ -9,11 +9,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
 from monai.bundle import ConfigParser
 from training_helpers import TRAIN_CONFIG, one_thread, phantom_volumes, tiny_overrides
 
-from ldct_clip.cli.train import config_workflow
+from ldct_clip.cli.train import train_recording_losses
 from ldct_clip.errors import InputError
 from ldct_clip.networks import CLIPDenoiser
 from ldct_clip.training import (
@@ -175,17 +174,7 @@ def _window_means(losses: list[float], window: int = 20) -> np.ndarray:
 def _loss_curve(data, out, seed: int, **step) -> tuple[list[float], dict]:
     """Per-iteration losses of a 200-iteration tiny run of the CT bundle's train config."""
     overrides = tiny_overrides(data, out, 200, seed=seed, progress=False, val_max_slices=1, **step)
-    workflow = config_workflow([TRAIN_CONFIG], overrides)
-    losses: list[float] = []
-    try:
-        workflow.initialize()
-        trainer = workflow.parser.get_parsed_content("train#trainer")
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item())
-        )
-        workflow.run()
-    finally:
-        workflow.finalize()
+    losses, trainer, _ = train_recording_losses([TRAIN_CONFIG], overrides)
     return losses, trainer.inferer.state_dict()
 
 

@@ -12,6 +12,7 @@ multi_gpu_train.json ...``.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from ldct_clip.cli.overrides import add_set_option, parse_set_options
@@ -216,6 +217,32 @@ def run_config(config_files: list[str], overrides: dict, workflow=None) -> None:
         raise
     finally:
         workflow.finalize()
+
+
+def train_recording_losses(config_files: list[str], overrides: dict) -> tuple[list[float], object, float]:
+    """Run a train config (``initialize``, ``run``, ``finalize``) and record the loss of every iteration: what
+    the loss-curve benchmark and tests compare between training steps.
+
+    Returns:
+        the per-iteration losses, the trainer (its inferer says which step format ran) and the seconds the
+        ``run`` section took.
+    """
+    from ignite.engine import Events
+
+    workflow = config_workflow(config_files, overrides)
+    losses: list[float] = []
+    try:
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item())
+        )
+        start = time.perf_counter()
+        workflow.run()
+        seconds = time.perf_counter() - start
+    finally:
+        workflow.finalize()
+    return losses, trainer, seconds
 
 
 def default_config() -> str:
