@@ -69,6 +69,38 @@ def test_train_refuses_to_overwrite_a_trained_model(trained, capsys):
     assert (out / "model.pt").stat().st_mtime_ns == before
 
 
+def test_init_weights_start_from_a_trained_model(trained, tmp_path, capsys):
+    out, argv = trained
+    trained_state = torch.load(out / "model.pt", weights_only=True)["model"]
+    run = tmp_path / "fine-tuned"
+    argv = [str(run) if a == str(out) else a for a in argv]
+    # learning rate 0: every learnable tensor must come out as the warm start put it in
+    frozen_lr = ["--iterations", "1", "--set", "learning_rate=0.0", "--init-weights", str(out / "model.pt")]
+    with one_thread():
+        assert main([*argv, *frozen_lr]) == 0
+    state = torch.load(run / "model.pt", weights_only=True)["model"]
+    statistics = ("running_mean", "running_var", "num_batches_tracked")  # batch-stats BatchNorm moves them
+    compared = [k for k in trained_state if not k.endswith(statistics)]
+    assert len(compared) > 20 and all(torch.equal(state[k], trained_state[k]) for k in compared)
+    capsys.readouterr()
+
+    # without the warm start the same run starts from the seed's random decoder: not the trained one
+    with one_thread():
+        assert main([*argv, *frozen_lr[:4], "--overwrite"]) == 0
+    state = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert not all(torch.equal(state[k], trained_state[k]) for k in compared)
+
+    # weights of another network: one line naming what does not fit; with --resume: refused
+    other = save_checkpoint(tmp_path / "other.pt", CLIPDenoiser(layers=(1, 1, 1, 1), width=16))
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--init-weights", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "other.pt" in err, err
+    resume = str(out / "checkpoint_epoch=1.pt")
+    assert main([*argv, "--overwrite", "--init-weights", str(other), "--resume", resume]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_train_bad_data_folder(tmp_path, capsys):
     assert (
         main(

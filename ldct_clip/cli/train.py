@@ -57,6 +57,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--resume", metavar="CKPT", help="continue from a checkpoint_epoch=N.pt of an earlier run"
     )
+    parser.add_argument(
+        "--init-weights",
+        metavar="FILE",
+        help="start from these trained weights of the same network (fine-tuning, e.g. a bundle's "
+        "models/model.pt); optimizer, LR schedule and iteration count start fresh",
+    )
     parser.add_argument("--batch", type=int, metavar="N", help="batch size per process (default 16)")
     parser.add_argument("--crop", type=int, metavar="N", help="training crop size (default 128)")
     parser.add_argument(
@@ -127,6 +133,19 @@ def build_overrides(args: argparse.Namespace) -> dict:
                 f"--resume {args.resume!r} does not exist: give a checkpoint_epoch=N.pt file of a run"
             )
         overrides["resume"] = str(resume.resolve())
+    if args.init_weights is not None:
+        if args.resume is not None:
+            raise InputError(
+                "--init-weights and --resume exclude each other: --resume continues a run with its own "
+                "weights; give one of them"
+            )
+        init = Path(args.init_weights).expanduser()
+        if not init.is_file():
+            raise InputError(
+                f"--init-weights {args.init_weights!r} does not exist: give an ldct-clip model file "
+                "(model.pt, best.pt, a bundle's models/model.pt)"
+            )
+        overrides["init_weights"] = str(init.resolve())
     simple = {
         "iterations": args.iterations,
         "batch_size": args.batch,

@@ -23,7 +23,7 @@ and memory format (``train_precision``, ``train_memory_format`` in the train con
 one measured at the first iteration), also on CPUs, where MONAI's ``amp`` does not autocast.
 
 Modules: ``mixup``, ``precision``, ``handlers`` (gradient clipping, LR logging, progress bar, stream position,
-checkpoints, final model), ``resume`` (seeding, RNG state, resuming), ``schedules`` (rounds and the LR
+checkpoints, final model), ``resume`` (seeding, RNG state, resuming, warm starts), ``schedules`` (rounds and the LR
 schedule), ``distributed``, ``validation`` (the padded validation inferer), ``recalibration``.
 """
 
@@ -52,6 +52,7 @@ from ldct_clip.training.resume import ResumeFromCheckpoint as ResumeFromCheckpoi
 from ldct_clip.training.resume import TrainingState as TrainingState
 from ldct_clip.training.resume import resume_handlers as resume_handlers
 from ldct_clip.training.resume import seed_everything as seed_everything
+from ldct_clip.training.resume import warm_start as warm_start
 from ldct_clip.training.schedules import PAPER_CONSTANT_FRACTION as PAPER_CONSTANT_FRACTION
 from ldct_clip.training.schedules import constant_then_cosine as constant_then_cosine
 from ldct_clip.training.schedules import constant_then_cosine_lr as constant_then_cosine_lr

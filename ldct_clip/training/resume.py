@@ -14,8 +14,16 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 
 from ldct_clip.errors import InputError
+from ldct_clip.networks import load_model_weights
 
-__all__ = ["NetworkConfig", "ResumeFromCheckpoint", "TrainingState", "resume_handlers", "seed_everything"]
+__all__ = [
+    "NetworkConfig",
+    "ResumeFromCheckpoint",
+    "TrainingState",
+    "resume_handlers",
+    "seed_everything",
+    "warm_start",
+]
 
 
 def seed_everything(seed: int, rank: int | None = None) -> int:
@@ -144,3 +152,24 @@ class ResumeFromCheckpoint:
 def resume_handlers(load_path: str | os.PathLike | None, load_dict: dict, map_location=None) -> list:
     """``[ResumeFromCheckpoint(...)]`` when ``load_path`` is given, else ``[]`` (for configs)."""
     return [ResumeFromCheckpoint(load_path, load_dict, map_location)] if load_path else []
+
+
+def warm_start(network: nn.Module, weights: str | os.PathLike | None) -> nn.Module:
+    """``network`` with the trained weights of ``weights`` loaded (fine-tuning), or unchanged when ``None``.
+
+    A warm start is not a resume: only the network's tensors are taken (the frozen encoder's among them, so
+    a random-init encoder stays the one the weights were trained with); the optimizer, the learning-rate
+    schedule and the iteration count start fresh. Use it to continue training shipped or published
+    weights on your own scanner's data.
+
+    Args:
+        network: the network the config built.
+        weights: an ldct-clip checkpoint or model file (``model.pt``, ``best.pt``, a bundle's
+            ``models/model.pt``) of the same architecture.
+
+    Raises:
+        WeightsError: unreadable file, or tensors that do not fit ``network`` (named).
+    """
+    if weights is None:
+        return network
+    return load_model_weights(network, weights)
