@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB, sha256 {digest})")
     if args.metadata is not None:
         metadata = json.loads(args.metadata.read_text())
+        # other entries (e.g. "demo", which marks outputs "[denoised, demo weights]") are kept
         metadata["shipped_weights"] = {
+            **metadata.get("shipped_weights", {}),
             "path": "models/" + Path(path).name,
             "sha256": digest,
             "dtype": "float16",
