@@ -92,6 +92,26 @@ def test_missing_weights_are_one_line(data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", available_bundles())
+def test_train_config_errors_are_one_line(name, tmp_path):
+    # the train configs install the same excepthook as the inference ones: a bad warm start, one line
+    config = resolve_bundle(name) / "configs" / "train.json"
+    done = bundle_run(
+        config, "--init_weights", tmp_path / "no.pt", "--encoder_weights", "none", "--data_dir", tmp_path,
+        "--output_dir", tmp_path / "o", "--layers", "[1,1,1,1]", "--width", "8",
+    )  # fmt: skip
+    _one_error_line(done, "no.pt", "does not exist")
+    assert not (tmp_path / "o").exists()
+    # the evaluate.json overlay replaces initialize: it installs the hook too
+    overlay = f"['{config}', '{config.parent / 'evaluate.json'}']"
+    done = bundle_run(
+        overlay, "--ckpt_path", tmp_path / "no.pt", "--encoder_weights", "none", "--data_dir", tmp_path,
+        "--output_dir", tmp_path / "o", "--layers", "[1,1,1,1]", "--width", "8",
+    )  # fmt: skip
+    _one_error_line(done, "no.pt", "does not exist")
+
+
 def test_broken_weights_are_one_line(data, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(data["weights"].read_bytes()[:2000])
