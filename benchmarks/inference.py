@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldct_clip.inference.backends import available_backends, cpu_description, prepare_network
+from ldct_clip.inference import (
+    available_backends,
+    choose_backend,
+    cpu_description,
+    default_batch_size,
+    instruction_set_caps,
+    prepare_network,
+    resolve_amp,
+)
 from ldct_clip.networks import CLIPDenoiser
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "bundles" / "lowdose_ct_denoising" / "models" / "model.pt"
@@ -93,16 +101,20 @@ def timed(fn, device: torch.device) -> float:
 
 
 class ConvFloor:
-    """Every convolution shape one slice runs, alone (fp32, NHWC on CPU, the batch in use): timed one
-    round at a time, interleaved with the paths, so that both see the same load."""
+    """Every convolution shape one slice runs, alone (NHWC on CPU, the batch in use, in ``dtype``): timed
+    one round at a time, interleaved with the paths, so that both see the same load."""
 
-    def __init__(self, model: CLIPDenoiser, size: int, batch: int, device: torch.device) -> None:
-        self.batch, self.device = batch, device
+    def __init__(
+        self, model: CLIPDenoiser, size: int, batch: int, device: torch.device, dtype=torch.float32
+    ) -> None:
+        self.batch, self.device, self.dtype = batch, device, dtype
+        self.label = "fp32" if dtype == torch.float32 else "bf16"
         self.flops = network_flops(model, size, device)
         self.cases = []
         for (cin, cout, k, stride, hw), count in conv_shapes(model, size, device).items():
-            conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False).to(device).eval()
-            x = torch.rand(batch, cin, *hw, device=device)
+            conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False).eval()
+            conv = conv.to(device=device, dtype=dtype)
+            x = torch.rand(batch, cin, *hw, device=device, dtype=dtype)
             if device.type == "cpu":
                 conv = conv.to(memory_format=torch.channels_last)
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -123,7 +135,7 @@ class ConvFloor:
         floor = self.flops / 1e9 / best
         conv_only = sum(c[1] * c[5] for c in self.cases) / self.batch
         print(
-            f"\nconvolution shapes of one slice (fp32, NHWC on CPU, batch {self.batch}, best of the rounds)"
+            f"\nconvolution shapes of one slice ({self.label}, NHWC on CPU, batch {self.batch}, best of the rounds)"
         )
         print("| in -> out | kernel/stride | input | count | GFLOP/slice | GFLOPS |")
         print("| --- | --- | --- | ---: | ---: | ---: |")
@@ -132,7 +144,7 @@ class ConvFloor:
                 f"| {cin} -> {cout} | {k}x{k}/{stride} | {hw[0]}x{hw[1]} | {count} | {gflop * count:.2f} | {gflops:.0f} |"
             )
         print(
-            f"\nnetwork: {self.flops / 1e9:.1f} GFLOP/slice; best conv {best:.0f} GFLOPS -> floor {floor:.3f} "
+            f"\n{self.label} network: {self.flops / 1e9:.1f} GFLOP/slice; best conv {best:.0f} GFLOPS -> floor {floor:.3f} "
             f"s/slice; conv-only (each layer at its measured speed) {conv_only:.3f} s/slice = "
             f"{floor / conv_only:.0%} of the floor"
         )
@@ -192,9 +204,12 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
     cpu = cpu_description()
+    caps = instruction_set_caps()
     return (
         f"CPU {cpu['model_name']} (family {cpu.get('family')}, model {cpu.get('model')}, stepping "
         f"{cpu.get('stepping')}), {cpu['cores']} logical cores, flags: {' '.join(cpu.get('flags', [])) or '-'}"
+        f"; ATen kernels: {torch.backends.cpu.get_cpu_capability()}"
+        + (f"; instruction sets capped: {caps} (an emulated machine type)" if caps else "")
     )
 
 
@@ -209,7 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--paths", nargs="*", help="backends to time (default: every available one)")
     parser.add_argument(
-        "--no-bf16", action="store_true", help="no bf16 rows (default: where bf16 is in hardware)"
+        "--no-bf16", action="store_true", help="no bf16 rows (default: where the CPU flags bf16)"
     )
     parser.add_argument("--memory-slices", type=int, default=0, help="also: peak RSS of a volume this deep")
     parser.add_argument("--memory-backends", nargs="*", default=["eager", "eager_infer"])
@@ -230,53 +245,101 @@ def main() -> None:
     )
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
 
-    floor_bench = ConvFloor(build_network(device), args.size, args.batch, device)
+    floor_benches = {None: ConvFloor(build_network(device), args.size, args.batch, device)}
 
-    names = [(n, None) for n in (args.paths or available_backends(device))]
+    available = available_backends(device)
+    names = [(n, None) for n in (args.paths or available)]
+    if instruction_set_caps():
+        print(
+            "  instruction sets capped: onnxruntime and openvino pick their kernels from the CPU itself, so "
+            "only the torch backends (oneDNN, ATen) emulate the capped machine here; inductor is left out "
+            "under a oneDNN cap (its prepacked convolutions corrupt memory there)"
+        )
+        names = [(n, amp) for n, amp in names if n not in ("onnxruntime", "openvino")]
+    # the default, as `ldct-clip denoise` resolves it here: precision measured (cpu_bf16_is_faster on
+    # CPUs), backend measured (choose_backend, cached per machine) among the paths timed, batch as on CLI
+    default_amp = resolve_amp("auto", device)
+    default_batch = min(args.batch, default_batch_size(device))
+    default_backend = choose_backend(
+        build_network(device),
+        (default_batch, 1, args.size, args.size),
+        device,
+        amp_dtype=default_amp,
+        candidates=[n for n, _ in names if n in available_backends(device, default_amp)],
+    )
     if not args.no_bf16 and (
         device.type == "cuda"
         or "avx512_bf16" in cpu_description().get("flags", [])
         or "amx_bf16" in cpu_description().get("flags", [])
     ):
-        # mixed precision where bf16 is in hardware: the torch backends that run CLIPDenoiser.infer
+        # mixed precision where the CPU flags bf16 (timed even when capped): the torch backends that run CLIPDenoiser.infer
         # (its output conv stays float32; PSNR cost in benchmarks/README.md)
         names += [(n, torch.bfloat16) for n in ("eager_infer", "inductor") if n in available_backends(device)]
+    if (default_backend, default_amp) not in names:
+        names.append((default_backend, default_amp))
+    if any(amp is not None for _, amp in names) and device.type == "cpu":
+        floor_benches[torch.bfloat16] = ConvFloor(
+            build_network(device), args.size, args.batch, device, torch.bfloat16
+        )
     reference = ReferenceLoop(build_network(device), device)
     batch = torch.rand(args.batch, 1, args.size, args.size, device=device)
     with torch.no_grad():
         expected = build_network(device)(batch)
     paths = {"reference loop (fp32 NCHW, layer4, 1 slice/forward)": reference}
+    precision_of = {}
     errors = {}
+    default_name = None
     for backend, amp in names:
         name = backend if amp is None else f"{backend} bf16"
+        if (backend, amp) == (default_backend, default_amp):
+            name = default_name = f"**{name}** (the default here, batch {default_batch})"
         started = time.perf_counter()
         try:
-            paths[name] = prepare_network(build_network(device), backend, device=device, amp_dtype=amp)
+            prepared = prepare_network(build_network(device), backend, device=device, amp_dtype=amp)
+            if name == default_name and default_batch < args.batch:
+                paths[name] = lambda x, p=prepared: torch.cat([p(c) for c in x.split(default_batch)])
+            else:
+                paths[name] = prepared
             y = paths[name](batch)  # builds: compiles, exports, warms up
         except Exception as error:  # noqa: BLE001 - report and go on with the others
             print(f"  {name}: not usable here ({type(error).__name__}: {str(error).splitlines()[0][:150]})")
             paths.pop(name, None)
             continue
+        precision_of[name] = amp
         errors[name] = float((y.cpu() - expected.cpu()).norm() / expected.cpu().norm())
         print(f"  {name}: built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.rounds):
-        floor_bench.round()
+        for floor_bench in floor_benches.values():
+            floor_bench.round()
         for name, fn in paths.items():
             times[name].append(timed(lambda fn=fn: fn(batch), device) / args.batch)
     load_end = os.getloadavg()
-    floor, _ = floor_bench.report()
+    floors = {amp: bench.report()[0] for amp, bench in floor_benches.items()}
     ref = min(times[next(iter(paths))])
     print(
         "\n| path | s/slice (best) | s/slice (median) | share of the floor | vs reference | rel. diff to eager fp32 |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for amp, floor in floors.items():
+        label = "fp32" if amp is None else "bf16"
+        print(f"| {label} floor (best {label} conv of our shapes) | {floor:.3f} | | 100% | | |")
     for name, values in times.items():
         best_time = min(values)
         diff = f"{errors[name]:.1e}" if name in errors else "-"
+        # a path's share is against the floor of its own precision (bf16 paths: the bf16 floor)
+        floor = floors.get(precision_of.get(name), floors[None])
         print(
             f"| {name} | {best_time:.3f} | {statistics.median(values):.3f} | {floor / best_time:.0%} | "
             f"{ref / best_time:.2f}x | {diff} |"
+        )
+    if default_name in times:
+        best_time = min(times[default_name])
+        floor = floors.get(default_amp, floors[None])
+        print(
+            f"\ndefault here: {default_backend}, {'bf16' if default_amp else 'fp32'} (measured choices), "
+            f"{floor / best_time:.0%} of its floor, {ref / best_time:.2f}x the reference loop "
+            "(targets of issue 13: >= 80 %, >= 1.6x)"
         )
     print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     if args.memory_slices and device.type == "cpu":

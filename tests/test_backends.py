@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,40 @@ def test_choice_is_the_fastest_by_measurement_and_is_remembered(monkeypatch):
     assert choose_backend(model, (1, 1, 32, 48), candidates=["eager", "eager_nchw"]) == "eager"
     assert len(probes) == 2
     assert choose_backend(model, shape, candidates=["eager", "eager_nchw"], use_cache=False) == "eager"
+    # whole slices (512 wide and more) are probed on half their width: half the probe's memory
+    assert choose_backend(model, (1, 1, 32, 512), candidates=["eager", "eager_nchw"]) == "eager"
+    assert probes[-1] == (1, 1, 32, 256)
+
+
+def test_probe_holds_one_candidate_besides_the_fastest(monkeypatch):
+    """The probe builds, times and releases one backend at a time, keeping only the fastest so far: its
+    memory is the largest backend's, not the sum of all of them."""
+    model = CLIPDenoiser(**TINY).eval()
+    real_build = backends.build_backend
+    live, most = set(), []
+
+    class Runner:
+        def __init__(self, name, runner):
+            self.name, self.runner = name, runner
+            live.add(name)
+            most.append(len(live))
+
+        def __call__(self, x):
+            return self.runner(x)
+
+        def __del__(self):
+            live.discard(self.name)
+
+    def build(name, network, example, device, amp_dtype, channels_last):
+        return Runner(name, real_build("eager", network, example, device, amp_dtype, channels_last))
+
+    monkeypatch.setattr(backends, "build_backend", build)
+    names = ["eager", "eager_infer", "eager_nchw"]
+    seconds, kept = backends._probe(
+        model, torch.rand(1, 1, 32, 48), torch.device("cpu"), None, False, names, 2
+    )
+    assert set(seconds) == set(names) and max(most) <= 2
+    assert list(kept) == [min(seconds, key=seconds.get)] and len(live) == 1
 
 
 def test_auto_probes_real_backends_and_runs_the_winner():
@@ -163,6 +198,26 @@ def test_auto_probes_real_backends_and_runs_the_winner():
     assert prepared.chosen in EAGER
     (entry,) = json.loads((backends.backend_cache_dir() / "backend_choice.json").read_text()).values()
     assert set(entry["seconds_per_batch"]) == set(EAGER)  # each was measured
+
+
+@pytest.mark.parametrize("wrong", [float("inf"), float("nan"), 1e-3])
+def test_auto_never_chooses_a_backend_whose_output_is_wrong(monkeypatch, wrong):
+    """A fast backend that computes something else (a miscompiled kernel, a broken runtime) is left out of
+    the choice: its warm-up output is held to the float32 forward."""
+    model = CLIPDenoiser(**TINY).eval()
+    real_build = backends.build_backend
+
+    def build(name, network, example, device, amp_dtype, channels_last):
+        runner = real_build("eager", network, example, device, amp_dtype, channels_last)
+        if name == "eager":
+            return lambda x: (time.sleep(0.05), runner(x))[1]  # right, and slower
+        return lambda x: runner(x) * (1 + wrong) if wrong < 1 else runner(x) + wrong
+
+    monkeypatch.setattr(backends, "build_backend", build)
+    shape = (1, 1, 32, 48)
+    assert choose_backend(model, shape, candidates=["eager", "eager_nchw"], use_cache=False) == "eager"
+    with pytest.raises(InputError, match="could run"):
+        choose_backend(model, shape, candidates=["eager_nchw"], use_cache=False)
 
 
 def test_cpu_description_names_the_cpu():

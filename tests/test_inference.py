@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from ldct_clip.inference import (
     CPU_AMP_DEFAULT,
     SliceBatchInferer,
     SlicePredictor,
+    cpu_bf16_is_faster,
     denoise_volume,
     make_inferer,
     resolve_amp,
@@ -173,8 +177,7 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
 
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert resolve_amp(None, cpu) is (CPU_AMP_DEFAULT if native else None)
+    assert resolve_amp(None, cpu) is (CPU_AMP_DEFAULT if cpu_bf16_is_faster() else None)
     assert resolve_amp("auto", cpu) is resolve_amp(None, cpu)
     assert resolve_amp("fp32", cpu) is None
     assert resolve_amp(False, cpu) is None
@@ -183,6 +186,52 @@ def test_resolve_amp():
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(InputError, match="mixed precision"):
         resolve_amp("int8", cpu)
+
+
+def test_cpu_precision_default_is_measured_per_machine(monkeypatch, tmp_path):
+    """bf16 becomes the CPU default only where its convolutions measure faster, and the answer is kept
+    per machine: an instruction-set cap is another machine."""
+    from ldct_clip.inference import device as device_module
+
+    monkeypatch.setenv("LDCT_CLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(device_module, "_cpu_supports_bf16", lambda: True)
+    probes = []
+    speeds = {torch.float32: 1.0, torch.bfloat16: 0.5}
+    monkeypatch.setattr(device_module, "_time_convs", lambda dtype: probes.append(dtype) or speeds[dtype])
+    assert resolve_amp("auto", torch.device("cpu")) is torch.bfloat16
+    assert len(probes) == 2
+    speeds[torch.bfloat16] = 2.0  # remembered: no new probe, same answer
+    assert resolve_amp("auto", torch.device("cpu")) is torch.bfloat16 and len(probes) == 2
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a capped run probes again and keeps float32
+    assert resolve_amp("auto", torch.device("cpu")) is None and len(probes) == 4
+    speeds[torch.bfloat16] = 0.95  # within the margin: float32 stays
+    assert not cpu_bf16_is_faster(use_cache=False)
+    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: no probe decides
+    monkeypatch.setattr(device_module, "_cpu_supports_bf16", lambda: False)
+    assert not cpu_bf16_is_faster(use_cache=False) and len(probes) == 6
+
+
+@pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with bf16 in hardware to cap"
+)
+def test_bf16_cpu_capped_to_avx2_measures_float32_faster(tmp_path):
+    """A bf16 CPU capped to AVX2 (how the benchmarks emulate the AVX2-only machine type) is not judged by its
+    flags, which still say AVX512-BF16: oneDNN reports no bf16 there, or the probe measures it slower, and
+    the default is float32."""
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", LDCT_CLIP_CACHE_DIR=str(tmp_path)
+    )
+    code = "import torch; from ldct_clip.inference import resolve_amp; print(resolve_amp('auto', torch.device('cpu')))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "None"
+    record = tmp_path / "precision_choice.json"
+    if record.exists():  # probed: the measurement says why
+        (entry,) = json.loads(record.read_text()).values()
+        assert entry["bf16"] is False and entry["seconds"]["bf16"] > entry["seconds"]["fp32"]
 
 
 def test_bad_volume_shape_is_an_input_error(tiny):

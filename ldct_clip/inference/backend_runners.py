@@ -75,6 +75,10 @@ def available_backends(device: str | torch.device = "cpu", amp_dtype: torch.dtyp
             # the plain forward under autocast rounds the output image to bf16: 0.06-0.19 dB of PSNR with
             # the shipped weights; the inference ops keep the output conv in float32 (benchmarks/README.md)
             continue
+        if name == "inductor" and kind == "cpu" and os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            # with oneDNN's instruction set capped below the CPU's, inductor's prepacked convolutions
+            # corrupt memory (torch 2.14.1: "double free or corruption", or inf outputs; benchmarks/README.md)
+            continue
         if all(find_spec(p) is not None for p in _PACKAGES.get(name, ())):
             names.append(name)
     return names
@@ -151,6 +155,16 @@ class _HeapReuse:
     def __exit__(self, *exc) -> None:
         if self.enabled and self._libc is not None and self.calls > 1:
             self._libc.mallopt(self.M_MMAP_MAX, self.GLIBC_MMAP_MAX)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    :class:`_HeapReuse` turns heap trimming off for the whole process, so memory that a released backend
+    freed would otherwise stay resident; the backend probe calls this between candidates."""
+    if platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _TorchRunner:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -37,11 +38,14 @@ from ldct_clip.inference.backend_runners import (
     available_backends,
     backend_cache_dir,
     build_backend,
+    release_freed_memory,
 )
+from ldct_clip.inference.device import instruction_set_caps
 
 __all__ = [
     "BACKENDS",
     "PROBE_MIN_PIXELS",
+    "PROBE_TOLERANCE",
     "PreparedNetwork",
     "available_backends",
     "backend_cache_dir",
@@ -56,6 +60,10 @@ logger = logging.getLogger(__name__)
 #: below, building and timing every candidate would take longer than the work, and ``eager_infer`` (the
 #: fastest backend that needs no build, within 7 % of the best at 512 x 512 here) runs without a probe.
 PROBE_MIN_PIXELS = 512 * 512
+#: Relative L2 difference to the plain float32 forward a backend may show in ``"auto"``'s probe (float32,
+#: mixed precision): the equality the tests hold every backend to (1e-4), and for bf16 ten times what it
+#: measures with the shipped weights (benchmarks/README.md).
+PROBE_TOLERANCE = {False: 1e-4, True: 1e-2}
 
 
 def cpu_description() -> dict:
@@ -85,7 +93,15 @@ def _choice_key(network: nn.Module, shape: Sequence[int], device: torch.device, 
         machine = torch.cuda.get_device_name(device)
     else:
         cpu = cpu_description()
-        machine = f"{cpu['model_name']} (family {cpu.get('family')} model {cpu.get('model')})"
+        machine = " ".join(
+            filter(
+                None,
+                [
+                    f"{cpu['model_name']} (family {cpu.get('family')} model {cpu.get('model')})",
+                    instruction_set_caps(),
+                ],
+            )
+        )
     architecture = hashlib.sha256(
         repr([(k, tuple(v.shape)) for k, v in network.state_dict().items()]).encode()
     ).hexdigest()[:12]
@@ -111,26 +127,46 @@ def _probe(
     names: Sequence[str],
     repeats: int,
 ) -> tuple[dict[str, float], dict[str, Callable]]:
-    """Seconds per batch of each backend (best of ``repeats`` rounds, the backends interleaved so that
-    load from other processes hits all alike), and the runners built for it (on copies of ``network``)."""
-    runners, seconds = {}, {}
+    """Seconds per batch of each backend (best of ``repeats`` calls after a warm-up), and the runner of
+    the fastest (built on a copy of ``network``).
+
+    One backend at a time: each is built, checked, timed and released before the next is built, so the
+    probe's memory is the largest backend's, not their sum (with all five alive at once, the first
+    512x512x300 run on a machine peaked 1.2 GB above later runs; benchmarks/README.md). A backend whose
+    warm-up output strays from the plain float32 forward (beyond :data:`PROBE_TOLERANCE` of its
+    precision, or not finite) is left out: a fast wrong answer must never be chosen."""
+    kept, seconds = {}, {}
+    with torch.no_grad():
+        expected = copy.deepcopy(network).to(device).eval()(example).float()
+    release_freed_memory()
+    tolerance = PROBE_TOLERANCE[amp_dtype is not None]
     for name in names:
         try:
-            runners[name] = build_backend(
-                name, copy.deepcopy(network), example, device, amp_dtype, channels_last
-            )
-            runners[name](example)  # warm-up: compilation, first-call allocations
+            runner = build_backend(name, copy.deepcopy(network), example, device, amp_dtype, channels_last)
+            output = runner(example).float()  # warm-up: compilation, first-call allocations
+            error = float((output - expected).norm() / expected.norm().clamp_min(1e-12))
+            del output
+            if not error <= tolerance:  # also catches NaN
+                raise RuntimeError(
+                    f"its output differs from the float32 forward by {error:.1e} (relative; allowed "
+                    f"{tolerance:.0e})"
+                )
+            for _ in range(repeats):
+                _synchronize(device)
+                started = time.perf_counter()
+                runner(example)
+                _synchronize(device)
+                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - started)
         except Exception as error:  # a backend that cannot run this network here is simply not chosen
             logger.warning("backend %s is not usable here: %s", name, str(error).splitlines()[0][:200])
-            runners.pop(name, None)
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            _synchronize(device)
-            started = time.perf_counter()
-            runner(example)
-            _synchronize(device)
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - started)
-    return seconds, runners
+            seconds.pop(name, None)
+            continue
+        if not kept or seconds[name] < seconds[next(iter(kept))]:
+            kept = {name: runner}  # the one released here is rebuilt if the margin prefers it
+        del runner
+        gc.collect()
+        release_freed_memory()
+    return seconds, kept
 
 
 def _synchronize(device: torch.device) -> None:
@@ -151,9 +187,10 @@ def choose_backend(
 ) -> str:
     """The fastest backend for ``network`` on this machine at ``batch_shape``, by measurement.
 
-    A short probe builds each available candidate and times it on a random batch of ``batch_shape``
-    (``repeats`` interleaved rounds, best of each). The choice is remembered per machine (CPU model or
-    GPU name, torch version, threads, architecture, shape, precision, candidates) in
+    A short probe builds each available candidate in turn, checks its output against the float32 forward
+    and times it on a random batch of ``batch_shape`` (best of ``repeats`` calls). The choice is
+    remembered per machine (CPU model or GPU name, instruction-set caps, torch version, threads,
+    architecture, shape, precision, candidates) in
     ``backend_choice.json`` under :func:`backend_cache_dir`, so later runs do not probe again.
 
     Args:
@@ -193,8 +230,13 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
     path = backend_cache_dir() / "backend_choice.json"
     if use_cache and key in (known := _read_choices(path)):
         return known[key]["backend"], None
-    example = torch.rand(*batch_shape, device=device)
+    # slices of 512 x 512 and more are timed on half their width: the same kernels at half the probe's
+    # memory, which the first run on a machine adds on top of a loaded volume (benchmarks/README.md)
+    probe_shape = (*batch_shape[:-1], batch_shape[-1] // 2) if batch_shape[-1] >= 512 else tuple(batch_shape)
+    example = torch.rand(*probe_shape, device=device)
     seconds, runners = _probe(network, example, device, amp_dtype, channels_last, names, repeats)
+    if probe_shape != tuple(batch_shape):
+        runners = {}  # built for the probe's shape: the caller builds the chosen one for the real one
     if not seconds:
         raise InputError(f"none of the backends {names} could run the network on {device}")
     best = min(seconds.values())
@@ -205,13 +247,14 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
         known[key] = {
             "backend": chosen,
             "seconds_per_batch": {n: round(s, 4) for n, s in seconds.items()},
+            "probe_shape": list(probe_shape),
             "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         }
         partial = path.with_suffix(f".{os.getpid()}.partial")
         partial.write_text(json.dumps(known, indent=1))
         os.replace(partial, path)
-    return chosen, runners[chosen]
+    return chosen, runners.get(chosen)  # None: built again by the caller
 
 
 class PreparedNetwork(nn.Module):

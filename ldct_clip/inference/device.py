@@ -7,8 +7,11 @@ named in ``benchmarks/README.md``.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import os
 import sys
+import time
 
 import torch
 
@@ -17,8 +20,10 @@ from ldct_clip.errors import InputError
 __all__ = [
     "CPU_AMP_DEFAULT",
     "DEFAULT_BATCH_SIZE",
+    "cpu_bf16_is_faster",
     "default_batch_size",
     "default_channels_last",
+    "instruction_set_caps",
     "limit_heap_fragmentation",
     "resolve_amp",
     "resolve_device",
@@ -30,11 +35,11 @@ logger = logging.getLogger(__name__)
 #: and one slice's working set less: what keeps 512x512x300 within "volume + 1.5 GB" (benchmarks/README.md).
 #: GPU: a starting point that the memory bound (``ldct_clip.inference.memory``) lowers where the GPU is small.
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
-#: Mixed precision on CPUs with bf16 in hardware (AVX512-BF16/AMX) when ``amp`` is left to its default: bf16,
-#: with the network's output convolution in float32 (``CLIPDenoiser.infer``, the ``eager_infer`` and
-#: ``inductor`` backends). Measured with the shipped CT weights on held-out simulated quarter dose: 0.006 dB
-#: (paper) and 0.011 dB (redcnn) PSNR below float32, under the 0.05 dB allowed, at about twice the float32
-#: speed (benchmarks/README.md). Rounding the output image itself to bf16 would cost 0.06-0.19 dB, which is
+#: Mixed precision on CPUs where bf16 convolutions measure faster than float32 (:func:`cpu_bf16_is_faster`)
+#: when ``amp`` is left to its default: bf16, with the network's output convolution in float32
+#: (``CLIPDenoiser.infer``, the ``eager_infer`` and ``inductor`` backends). Its PSNR cost with the shipped CT
+#: weights on held-out simulated quarter dose is under the 0.05 dB allowed, at about twice the float32 speed
+#: (benchmarks/README.md); rounding the output image itself to bf16 would cost several times more, which is
 #: why the backends that keep the output convolution in float32 are the only bf16 candidates.
 CPU_AMP_DEFAULT: torch.dtype | None = torch.bfloat16
 
@@ -80,20 +85,94 @@ def _cpu_supports_bf16() -> bool:
         return False
 
 
-def _cpu_has_native_bf16() -> bool:
-    """bf16 in hardware (AVX512-BF16 or AMX): elsewhere oneDNN emulates it, usually slower than float32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
+#: Convolutions :func:`cpu_bf16_is_faster` times (in, out, input size): two decoder shapes of the network,
+#: a deep one and a wide one, at a quarter of their 512x512 area to keep the probe short.
+_PROBE_CONVS = ((1024, 256, 32), (192, 64, 128))
+#: bf16 must be this much faster (relative) than float32 on the probe to become the default.
+_BF16_MARGIN = 0.10
+
+
+def instruction_set_caps() -> str:
+    """Environment caps on the instruction sets (oneDNN's and ATen's): a capped run is another machine."""
+    caps = [
+        f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)
+    ]
+    return " ".join(caps)
+
+
+def _time_convs(dtype: torch.dtype, rounds: int = 3) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for cin, cout, size in _PROBE_CONVS:
+            conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False).eval()
+            conv = conv.to(dtype=dtype, memory_format=torch.channels_last)
+            x = torch.rand(1, cin, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            conv(x)  # warm-up: oneDNN builds its kernels
+            best = float("inf")
+            for _ in range(rounds):
+                started = time.perf_counter()
+                conv(x)
+                best = min(best, time.perf_counter() - started)
+            total += best
+    return total
+
+
+def cpu_bf16_is_faster(use_cache: bool = True) -> bool:
+    """Whether bf16 convolutions run faster than float32 ones on this CPU, measured, not guessed from flags.
+
+    CPUs with bf16 in hardware (AVX512-BF16, AMX) run them about twice as fast; elsewhere oneDNN has no
+    bf16 or emulates it, slower than float32 (an instruction-set cap, ``ONEDNN_MAX_CPU_ISA``, does that to
+    a bf16 CPU whose flags still say bf16). A probe of two decoder convolution shapes (NHWC, batch 1, best of 3: a fraction of a
+    second where bf16 is fast, seconds where it is emulated) decides; the answer is remembered per machine
+    (CPU model, torch version, threads, instruction-set caps) in ``precision_choice.json`` under the
+    backend cache directory.
+
+    Args:
+        use_cache: read and record the remembered answer.
+    """
+    if not _cpu_supports_bf16():
         return False
+    from ldct_clip.inference.backends import backend_cache_dir, cpu_description
+
+    cpu = cpu_description()
+    machine = f"{cpu['model_name']} (family {cpu.get('family')} model {cpu.get('model')})"
+    key = " | ".join(
+        filter(
+            None,
+            [
+                machine,
+                instruction_set_caps(),
+                f"torch {torch.__version__}",
+                f"cpu x{torch.get_num_threads()}",
+            ],
+        )
+    )
+    path = backend_cache_dir() / "precision_choice.json"
+    try:
+        known = json.loads(path.read_text()) if use_cache else {}
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return bool(known[key]["bf16"])
+    fp32, bf16 = _time_convs(torch.float32), _time_convs(torch.bfloat16)
+    faster = bf16 * (1 + _BF16_MARGIN) < fp32
+    logger.info(
+        "bf16 probe: %.3f s against %.3f s in float32: %s", bf16, fp32, "bf16" if faster else "float32"
+    )
+    if use_cache:
+        known[key] = {"bf16": faster, "seconds": {"fp32": round(fp32, 4), "bf16": round(bf16, 4)}}
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1))
+        os.replace(partial, path)
+    return faster
 
 
 def resolve_amp(amp: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``device``, or None for plain float32.
 
     Args:
-        amp: None / ``"auto"`` for the measured default (bf16 or fp16 on a GPU, :data:`CPU_AMP_DEFAULT` on
-            the CPU); False / ``"fp32"`` / ``"none"`` for float32; True / ``"on"`` for the device's best
+        amp: None / ``"auto"`` for the measured default (bf16 or fp16 on a GPU; on the CPU
+            :data:`CPU_AMP_DEFAULT` where :func:`cpu_bf16_is_faster`, else float32); False / ``"fp32"`` / ``"none"`` for float32; True / ``"on"`` for the device's best
             half type (bf16 where supported, else fp16 on a GPU, float32 on a CPU without bf16); ``"bf16"``
             or ``"fp16"`` (or the torch dtype) to force one.
         device: the compute device.
@@ -120,7 +199,7 @@ def resolve_amp(amp: bool | str | torch.dtype | None, device: torch.device) -> t
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp is None:
-        return CPU_AMP_DEFAULT if _cpu_has_native_bf16() else None
+        return CPU_AMP_DEFAULT if cpu_bf16_is_faster() else None
     if not _cpu_supports_bf16():
         logger.warning("this CPU has no bf16 support: running in float32")
         return None
