@@ -45,6 +45,7 @@ from ldct_clip.inference.device import instruction_set_caps
 __all__ = [
     "BACKENDS",
     "PROBE_MIN_PIXELS",
+    "PROBE_DRIFT",
     "PROBE_TOLERANCE",
     "PreparedNetwork",
     "available_backends",
@@ -64,6 +65,9 @@ PROBE_MIN_PIXELS = 512 * 512
 #: mixed precision): the equality the tests hold every backend to (1e-4), and for bf16 ten times what it
 #: measures with the shipped weights (benchmarks/README.md).
 PROBE_TOLERANCE = {False: 1e-4, True: 1e-2}
+#: Relative change of the fastest backend's time between its turn in the probe and a second timing after
+#: all candidates, above which the load is taken to have changed and the choice is not remembered.
+PROBE_DRIFT = 0.2
 
 
 def cpu_description() -> dict:
@@ -126,9 +130,9 @@ def _probe(
     channels_last: bool,
     names: Sequence[str],
     repeats: int,
-) -> tuple[dict[str, float], dict[str, Callable]]:
-    """Seconds per batch of each backend (best of ``repeats`` calls after a warm-up), and the runner of
-    the fastest (built on a copy of ``network``).
+) -> tuple[dict[str, float], dict[str, Callable], bool]:
+    """Seconds per batch of each backend (best of ``repeats`` calls after a warm-up), the runner of the
+    fastest (built on a copy of ``network``), and whether the load held steady through the probe.
 
     One backend at a time: each is built, checked, timed and released before the next is built, so the
     probe's memory is the largest backend's, not their sum (with all five alive at once, the first
@@ -151,12 +155,7 @@ def _probe(
                     f"its output differs from the float32 forward by {error:.1e} (relative; allowed "
                     f"{tolerance:.0e})"
                 )
-            for _ in range(repeats):
-                _synchronize(device)
-                started = time.perf_counter()
-                runner(example)
-                _synchronize(device)
-                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - started)
+            seconds[name] = min(_timed(runner, example, device) for _ in range(repeats))
         except Exception as error:  # a backend that cannot run this network here is simply not chosen
             logger.warning("backend %s is not usable here: %s", name, str(error).splitlines()[0][:200])
             seconds.pop(name, None)
@@ -166,7 +165,30 @@ def _probe(
         del runner
         gc.collect()
         release_freed_memory()
-    return seconds, kept
+    if len(seconds) > 1:
+        # the candidates were timed one after another, so a change of load in between skews the comparison:
+        # the fastest is timed again, and a choice whose time moved by more than PROBE_DRIFT is not remembered
+        name, runner = next(iter(kept.items()))
+        again = min(_timed(runner, example, device) for _ in range(repeats))
+        if abs(again / seconds[name] - 1) > PROBE_DRIFT:
+            logger.warning(
+                "the machine's load changed during the backend probe (%s: %.2f s, then %.2f s): the choice "
+                "of %s holds for this run only and will be measured again",
+                name,
+                seconds[name],
+                again,
+                name,
+            )
+            return seconds, kept, False
+    return seconds, kept, True
+
+
+def _timed(runner: Callable, example: torch.Tensor, device: torch.device) -> float:
+    _synchronize(device)
+    started = time.perf_counter()
+    runner(example)
+    _synchronize(device)
+    return time.perf_counter() - started
 
 
 def _synchronize(device: torch.device) -> None:
@@ -188,10 +210,11 @@ def choose_backend(
     """The fastest backend for ``network`` on this machine at ``batch_shape``, by measurement.
 
     A short probe builds each available candidate in turn, checks its output against the float32 forward
-    and times it on a random batch of ``batch_shape`` (best of ``repeats`` calls). The choice is
-    remembered per machine (CPU model or GPU name, instruction-set caps, torch version, threads,
-    architecture, shape, precision, candidates) in
-    ``backend_choice.json`` under :func:`backend_cache_dir`, so later runs do not probe again.
+    and times it on a random batch of ``batch_shape`` (best of ``repeats`` calls; whole slices on half
+    their width), then times the fastest again: a choice made while the load changed is not kept.
+    Otherwise it is remembered per machine (CPU model or GPU name, instruction-set caps, torch version,
+    threads, architecture, shape, precision, candidates) in ``backend_choice.json`` under
+    :func:`backend_cache_dir`, so later runs do not probe again.
 
     Args:
         network: the network (not changed: the probe runs copies).
@@ -234,7 +257,7 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
     # memory, which the first run on a machine adds on top of a loaded volume (benchmarks/README.md)
     probe_shape = (*batch_shape[:-1], batch_shape[-1] // 2) if batch_shape[-1] >= 512 else tuple(batch_shape)
     example = torch.rand(*probe_shape, device=device)
-    seconds, runners = _probe(network, example, device, amp_dtype, channels_last, names, repeats)
+    seconds, runners, steady = _probe(network, example, device, amp_dtype, channels_last, names, repeats)
     if probe_shape != tuple(batch_shape):
         runners = {}  # built for the probe's shape: the caller builds the chosen one for the real one
     if not seconds:
@@ -242,7 +265,7 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
     best = min(seconds.values())
     chosen = next(n for n in names if n in seconds and seconds[n] <= best * (1 + margin))
     logger.info("backend %s chosen (%s)", chosen, ", ".join(f"{n} {s:.2f} s" for n, s in seconds.items()))
-    if use_cache:
+    if use_cache and steady:
         known = _read_choices(path)
         known[key] = {
             "backend": chosen,
