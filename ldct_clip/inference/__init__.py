@@ -6,7 +6,6 @@ from ldct_clip.inference.backends import (
     available_backends,
     backend_cache_dir,
     choose_backend,
-    cpu_description,
     prepare_network,
 )
 from ldct_clip.inference.device import (
@@ -15,7 +14,6 @@ from ldct_clip.inference.device import (
     cpu_bf16_is_faster,
     default_batch_size,
     default_channels_last,
-    instruction_set_caps,
     limit_heap_fragmentation,
     resolve_amp,
     resolve_device,
@@ -28,6 +26,7 @@ from ldct_clip.inference.inferers import (
     make_inferer,
 )
 from ldct_clip.inference.loading import WeightsLoader, load_denoiser
+from ldct_clip.inference.machine import cpu_description, instruction_set_caps, machine_name
 from ldct_clip.inference.memory import bounded_batch_size
 from ldct_clip.inference.predictor import PAD_MULTIPLE, SlicePredictor
 from ldct_clip.inference.volume import denoise_volume
@@ -56,6 +55,7 @@ __all__ = [
     "instruction_set_caps",
     "limit_heap_fragmentation",
     "load_denoiser",
+    "machine_name",
     "make_inferer",
     "prepare_network",
     "resolve_amp",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ldct_clip import __version__
+from ldct_clip.inference.machine import backend_cache_dir
 
 __all__ = ["BACKENDS", "available_backends", "backend_cache_dir", "build_backend"]
 
@@ -48,17 +49,6 @@ _PACKAGES = {
 }
 #: Backends compiled for one input shape: other batch sizes are padded up to it or split.
 _STATIC_SHAPE = ("inductor", "cudagraphs", "openvino")
-
-
-def backend_cache_dir(*parts: str) -> Path:
-    """``$LDCT_CLIP_CACHE_DIR`` or ``$XDG_CACHE_HOME/ldct-clip`` or ``~/.cache/ldct-clip``, joined with
-    ``parts`` (created)."""
-    root = os.environ.get("LDCT_CLIP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldct-clip"
-    )
-    path = Path(root, *parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def available_backends(device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None) -> list[str]:

@@ -14,17 +14,13 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import hashlib
-import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,7 +36,12 @@ from ldct_clip.inference.backend_runners import (
     build_backend,
     release_freed_memory,
 )
-from ldct_clip.inference.device import instruction_set_caps
+from ldct_clip.inference.machine import (
+    cpu_description,
+    machine_name,
+    read_measurements,
+    remember_measurement,
+)
 
 __all__ = [
     "BACKENDS",
@@ -68,44 +69,11 @@ PROBE_TOLERANCE = {False: 1e-4, True: 1e-2}
 #: Relative change of the fastest backend's time between its turn in the probe and a second timing after
 #: all candidates, above which the load is taken to have changed and the choice is not remembered.
 PROBE_DRIFT = 0.2
-
-
-def cpu_description() -> dict:
-    """The CPU as /proc/cpuinfo names it (model name, family/model/stepping, the vector and matrix
-    flags that decide convolution speed), or what ``platform`` says elsewhere."""
-    info: dict = {"model_name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor is enough
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "avx_vnni")
-        info.update(
-            model_name=fields.get("model name", info["model_name"]),
-            family=fields.get("cpu family"),
-            model=fields.get("model"),
-            stepping=fields.get("stepping"),
-            flags=[f for f in wanted if f in fields.get("flags", "").split()],
-        )
-    return info
+_CHOICES = "backend_choice.json"
 
 
 def _choice_key(network: nn.Module, shape: Sequence[int], device: torch.device, amp_dtype, names) -> str:
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name(device)
-    else:
-        cpu = cpu_description()
-        machine = " ".join(
-            filter(
-                None,
-                [
-                    f"{cpu['model_name']} (family {cpu.get('family')} model {cpu.get('model')})",
-                    instruction_set_caps(),
-                ],
-            )
-        )
+    machine = machine_name(device)
     architecture = hashlib.sha256(
         repr([(k, tuple(v.shape)) for k, v in network.state_dict().items()]).encode()
     ).hexdigest()[:12]
@@ -113,13 +81,6 @@ def _choice_key(network: nn.Module, shape: Sequence[int], device: torch.device, 
         f"{machine} | torch {torch.__version__} | {device.type} x{torch.get_num_threads()} | "
         f"{type(network).__name__} {architecture} | shape {list(shape)} | amp {amp_dtype} | {','.join(names)}"
     )
-
-
-def _read_choices(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _probe(
@@ -250,8 +211,7 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
         raise InputError(f"none of the backends {list(candidates or [])} can run on {device} here")
     channels_last = device.type == "cpu" if channels_last is None else channels_last
     key = _choice_key(network, batch_shape, device, amp_dtype, names)
-    path = backend_cache_dir() / "backend_choice.json"
-    if use_cache and key in (known := _read_choices(path)):
+    if use_cache and key in (known := read_measurements(_CHOICES)):
         return known[key]["backend"], None
     # slices of 512 x 512 and more are timed on half their width: the same kernels at half the probe's
     # memory, which the first run on a machine adds on top of a loaded volume (benchmarks/README.md)
@@ -266,17 +226,17 @@ def _choose(network, batch_shape, device, amp_dtype, channels_last, candidates, 
     chosen = next(n for n in names if n in seconds and seconds[n] <= best * (1 + margin))
     logger.info("backend %s chosen (%s)", chosen, ", ".join(f"{n} {s:.2f} s" for n, s in seconds.items()))
     if use_cache and steady:
-        known = _read_choices(path)
-        known[key] = {
-            "backend": chosen,
-            "seconds_per_batch": {n: round(s, 4) for n, s in seconds.items()},
-            "probe_shape": list(probe_shape),
-            "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        }
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=1))
-        os.replace(partial, path)
+        remember_measurement(
+            _CHOICES,
+            key,
+            {
+                "backend": chosen,
+                "seconds_per_batch": {n: round(s, 4) for n, s in seconds.items()},
+                "probe_shape": list(probe_shape),
+                "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            },
+        )
     return chosen, runners.get(chosen)  # None: built again by the caller
 
 

@@ -7,15 +7,14 @@ named in ``benchmarks/README.md``.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import os
 import sys
 import time
 
 import torch
 
 from ldct_clip.errors import InputError
+from ldct_clip.inference.machine import machine_name, read_measurements, remember_measurement
 
 __all__ = [
     "CPU_AMP_DEFAULT",
@@ -23,7 +22,6 @@ __all__ = [
     "cpu_bf16_is_faster",
     "default_batch_size",
     "default_channels_last",
-    "instruction_set_caps",
     "limit_heap_fragmentation",
     "resolve_amp",
     "resolve_device",
@@ -90,14 +88,7 @@ def _cpu_supports_bf16() -> bool:
 _PROBE_CONVS = ((1024, 256, 32), (192, 64, 128))
 #: bf16 must be this much faster (relative) than float32 on the probe to become the default.
 _BF16_MARGIN = 0.10
-
-
-def instruction_set_caps() -> str:
-    """Environment caps on the instruction sets (oneDNN's and ATen's): a capped run is another machine."""
-    caps = [
-        f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)
-    ]
-    return " ".join(caps)
+_PRECISION_CHOICES = "precision_choice.json"
 
 
 def _time_convs(dtype: torch.dtype, rounds: int = 3) -> float:
@@ -122,37 +113,18 @@ def cpu_bf16_is_faster(use_cache: bool = True) -> bool:
 
     CPUs with bf16 in hardware (AVX512-BF16, AMX) run them about twice as fast; elsewhere oneDNN has no
     bf16 or emulates it, slower than float32 (an instruction-set cap, ``ONEDNN_MAX_CPU_ISA``, does that to
-    a bf16 CPU whose flags still say bf16). A probe of two decoder convolution shapes (NHWC, batch 1, best of 3: a fraction of a
-    second where bf16 is fast, seconds where it is emulated) decides; the answer is remembered per machine
-    (CPU model, torch version, threads, instruction-set caps) in ``precision_choice.json`` under the
-    backend cache directory.
+    a bf16 CPU whose flags still say bf16). A probe of two decoder convolution shapes (NHWC, batch 1, best
+    of 3: a fraction of a second where bf16 is fast, seconds where it is emulated) decides; the answer is
+    remembered per machine (:func:`~ldct_clip.inference.machine.machine_name`, torch version, threads) in
+    ``precision_choice.json`` under the backend cache directory.
 
     Args:
         use_cache: read and record the remembered answer.
     """
     if not _cpu_supports_bf16():
         return False
-    from ldct_clip.inference.backends import backend_cache_dir, cpu_description
-
-    cpu = cpu_description()
-    machine = f"{cpu['model_name']} (family {cpu.get('family')} model {cpu.get('model')})"
-    key = " | ".join(
-        filter(
-            None,
-            [
-                machine,
-                instruction_set_caps(),
-                f"torch {torch.__version__}",
-                f"cpu x{torch.get_num_threads()}",
-            ],
-        )
-    )
-    path = backend_cache_dir() / "precision_choice.json"
-    try:
-        known = json.loads(path.read_text()) if use_cache else {}
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
+    key = f"{machine_name('cpu')} | torch {torch.__version__} | cpu x{torch.get_num_threads()}"
+    if use_cache and key in (known := read_measurements(_PRECISION_CHOICES)):
         return bool(known[key]["bf16"])
     fp32, bf16 = _time_convs(torch.float32), _time_convs(torch.bfloat16)
     faster = bf16 * (1 + _BF16_MARGIN) < fp32
@@ -160,10 +132,8 @@ def cpu_bf16_is_faster(use_cache: bool = True) -> bool:
         "bf16 probe: %.3f s against %.3f s in float32: %s", bf16, fp32, "bf16" if faster else "float32"
     )
     if use_cache:
-        known[key] = {"bf16": faster, "seconds": {"fp32": round(fp32, 4), "bf16": round(bf16, 4)}}
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=1))
-        os.replace(partial, path)
+        entry = {"bf16": faster, "seconds": {"fp32": round(fp32, 4), "bf16": round(bf16, 4)}}
+        remember_measurement(_PRECISION_CHOICES, key, entry)
     return faster
 
 
@@ -172,9 +142,10 @@ def resolve_amp(amp: bool | str | torch.dtype | None, device: torch.device) -> t
 
     Args:
         amp: None / ``"auto"`` for the measured default (bf16 or fp16 on a GPU; on the CPU
-            :data:`CPU_AMP_DEFAULT` where :func:`cpu_bf16_is_faster`, else float32); False / ``"fp32"`` / ``"none"`` for float32; True / ``"on"`` for the device's best
-            half type (bf16 where supported, else fp16 on a GPU, float32 on a CPU without bf16); ``"bf16"``
-            or ``"fp16"`` (or the torch dtype) to force one.
+            :data:`CPU_AMP_DEFAULT` where :func:`cpu_bf16_is_faster`, else float32); False / ``"fp32"`` /
+            ``"none"`` for float32; True / ``"on"`` for the device's best half type (bf16 where supported,
+            else fp16 on a GPU, float32 on a CPU without bf16); ``"bf16"`` or ``"fp16"`` (or the torch
+            dtype) to force one.
         device: the compute device.
 
     Raises:
