@@ -31,6 +31,14 @@ def main(argv=None) -> int:
     if args.metadata is not None and not args.metadata.is_file():
         print(f"export_bundle_weights: error: {args.metadata} is not a metadata.json file", file=sys.stderr)
         return 2
+    if args.metadata is not None and not args.note:
+        # the note is what `ldct-clip info` and the docs show of the weights; an empty one loses "demo weights"
+        print(
+            "export_bundle_weights: error: --metadata needs --note: say what the weights are (it replaces the "
+            "note in metadata.json)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model = load_model(args.checkpoint).half()
         path = save_checkpoint(args.output, model, extra={"note": args.note} if args.note else None)

@@ -75,7 +75,7 @@ def shipped_weights_lines() -> list[str]:
         shipped = metadata.get("shipped_weights") or {}
         demo = (
             " (demo weights, not a model for real use)"
-            if "demo" in str(shipped.get("note", "")).lower()
+            if shipped.get("demo") or "demo" in str(shipped.get("note", "")).lower()
             else ""
         )
         check = f"sha256 {expected[:12]} verified" if expected else "not checked (a user's bundle)"
