@@ -272,8 +272,9 @@ def main() -> None:
         or "avx512_bf16" in cpu_description().get("flags", [])
         or "amx_bf16" in cpu_description().get("flags", [])
     ):
-        # mixed precision where the CPU flags bf16 (timed even when capped): the torch backends that run CLIPDenoiser.infer
-        # (its output conv stays float32; PSNR cost in benchmarks/README.md)
+        # bf16 rows where the CPU's flags list bf16, also when capped (to show what the measured choice
+        # avoids): the torch backends that run CLIPDenoiser.infer (its output conv stays float32; PSNR
+        # cost in benchmarks/README.md)
         names += [(n, torch.bfloat16) for n in ("eager_infer", "inductor") if n in available_backends(device)]
     if (default_backend, default_amp) not in names:
         names.append((default_backend, default_amp))
