@@ -118,6 +118,25 @@ def test_csv_and_summary(report):
 
 
 @pytest.mark.slow
+def test_self_ensemble_reaches_the_model_and_the_report(pairs_dir, weights, tmp_path, report):
+    out = tmp_path / "bench"
+    argv = ["benchmark", str(pairs_dir), "--methods", ",".join(METHODS), "--weights", str(weights), *TINY_SET]
+    assert (
+        main([*argv, "--protocol", "redcnn", "--self-ensemble", "--output", str(out), "--no-progress"]) == 0
+    )
+    with (out / "benchmark.csv").open() as f, (report / "benchmark.csv").open() as g:
+        ensemble, plain = ({(r["method"], r["slice"]): r for r in csv.DictReader(h)} for h in (f, g))
+    clip = [k for k in plain if k[0] == "clip"]
+    # the tiny random network's output lies mostly outside the PSNR window: its noise tells the views apart
+    noise = [(float(ensemble[k]["noise_std_hu"]), float(plain[k]["noise_std_hu"])) for k in clip]
+    assert len(clip) == 3 and all(abs(a - b) > 0.05 for a, b in noise), noise
+    for k in plain:  # the baselines are not touched
+        if k[0] != "clip":
+            assert ensemble[k]["psnr"] == plain[k]["psnr"] and ensemble[k]["ssim"] == plain[k]["ssim"]
+    assert "self-ensemble" in (out / "report.md").read_text()
+    assert "self-ensemble" not in (report / "report.md").read_text()
+
+
 def test_existing_output_is_refused_then_overwritten(pairs_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     out.mkdir()

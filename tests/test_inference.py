@@ -81,6 +81,74 @@ def test_slices_along_other_axes():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+#: (forward, inverse) of the symmetries of the square, written out independently of the predictor's table
+SQUARE_SYMMETRIES = [
+    (lambda t: t, lambda t: t),
+    (lambda t: t.flip(-1), lambda t: t.flip(-1)),
+    (lambda t: t.flip(-2), lambda t: t.flip(-2)),
+    (lambda t: t.flip(-2, -1), lambda t: t.flip(-2, -1)),
+    (lambda t: t.transpose(-2, -1), lambda t: t.transpose(-2, -1)),
+    (lambda t: t.transpose(-2, -1).flip(-1), lambda t: t.flip(-1).transpose(-2, -1)),
+    (lambda t: t.transpose(-2, -1).flip(-2), lambda t: t.flip(-2).transpose(-2, -1)),
+    (lambda t: t.flip(-2, -1).transpose(-2, -1), lambda t: t.transpose(-2, -1).flip(-2, -1)),
+]
+
+
+class ShapeRecorder(torch.nn.Module):
+    """A network that is not equivariant to rotations or mirroring (a random 3x3 kernel), and records the
+    shapes it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.conv(x) + x.roll(1, -1)
+
+
+def test_self_ensemble_is_the_mean_over_the_eight_views_of_a_square_slice():
+    net = ShapeRecorder()
+    batch = torch.rand(2, 1, 40, 40)  # padded to 64 x 64
+    padded = F.pad(batch, (0, 24, 0, 24), mode="reflect")
+    with torch.no_grad():
+        views = [inverse(net(forward(padded))) for forward, inverse in SQUARE_SYMMETRIES]
+        expected = torch.stack(views).mean(0)[..., :40, :40]
+        net.shapes.clear()
+        out = SlicePredictor(net, self_ensemble=True)(batch)
+        plain = SlicePredictor(net)(batch)
+    assert len(net.shapes) == 9 and set(net.shapes) == {(2, 1, 64, 64)}  # 8 views, then the plain call
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert (out - plain).abs().max() > 0.05  # the views do differ for this network
+    assert torch.allclose(plain, views[0][..., :40, :40], atol=1e-6)
+
+
+def test_self_ensemble_of_a_rectangular_slice_keeps_its_shape_in_four_views():
+    net = ShapeRecorder()
+    batch = torch.rand(1, 1, 40, 70)  # padded to 64 x 96: the transposing views would change the shape
+    padded = F.pad(batch, (0, 26, 0, 24), mode="reflect")
+    with torch.no_grad():
+        expected = torch.stack([inv(net(fwd(padded))) for fwd, inv in SQUARE_SYMMETRIES[:4]]).mean(0)
+        net.shapes.clear()
+        out = SlicePredictor(net, self_ensemble=True)(batch)
+    assert net.shapes == [(1, 1, 64, 96)] * 4
+    assert torch.allclose(out, expected[..., :40, :70], atol=1e-6)
+
+
+def test_self_ensemble_leaves_an_equivariant_network_unchanged(tiny):
+    net = torch.nn.Conv2d(1, 1, kernel_size=1)  # pointwise: commutes with every rotation and mirroring
+    volume = _ct(shape=(1, 48, 48, 3))
+    with torch.no_grad():
+        plain = denoise_volume(volume, net, device="cpu", amp="fp32", progress=False)
+        ensemble = denoise_volume(volume, net, device="cpu", amp="fp32", progress=False, self_ensemble=True)
+        other = denoise_volume(volume, tiny, device="cpu", amp="fp32", progress=False, self_ensemble=True)
+    assert torch.allclose(plain.as_tensor(), ensemble.as_tensor(), atol=1e-3)
+    tiny_plain = denoise_volume(volume, tiny, device="cpu", amp="fp32", progress=False)
+    assert not torch.allclose(other.as_tensor(), tiny_plain.as_tensor(), atol=1e-3)
+
+
 class ModelRangeIdentity(torch.nn.Module):
     """Returns its input: denoise_volume must then give back the input HU."""
 

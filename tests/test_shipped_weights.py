@@ -34,15 +34,31 @@ def test_shipped_weights_are_the_papers_ct_network_in_float16():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # cast back on load
 
 
-@pytest.mark.slow
-def test_demo_with_the_shipped_weights_beats_the_low_dose_input(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
     """Two slices of the demo (512 x 512 phantom of a seed never trained on, simulated quarter dose)."""
-    result = run_demo(tmp_path / "demo", slices=2, workers=1, progress=False)
+    return run_demo(tmp_path_factory.mktemp("demo") / "demo", slices=2, workers=1, progress=False)
+
+
+@pytest.mark.slow
+def test_demo_with_the_shipped_weights_beats_the_low_dose_input(demo):
+    result = demo
     metrics = result.metrics
     assert metrics["weights_sha256"] == sha256_of(bundle_weights())
     assert result.psnr_gain > 1.0, metrics
     assert metrics["ssim_denoised"] > metrics["ssim_low_dose"]
     assert metrics["noise_std_denoised"] < 0.5 * metrics["noise_std_low_dose"]
+
+
+@pytest.mark.slow
+def test_self_ensemble_of_the_shipped_weights_is_better_on_the_demo(demo, tmp_path):
+    """The mean over the 8 rotated and mirrored views (``--self-ensemble``) gains on the same two slices
+    (measured in benchmarks/README.md)."""
+    overrides = {"self_ensemble": True}
+    ensemble = run_demo(tmp_path / "demo", slices=2, workers=1, progress=False, overrides=overrides).metrics
+    assert ensemble["psnr_low_dose"] == demo.metrics["psnr_low_dose"]  # the same input
+    assert ensemble["psnr_denoised"] > demo.metrics["psnr_denoised"] + 0.08, (ensemble, demo.metrics)
+    assert ensemble["ssim_denoised"] >= demo.metrics["ssim_denoised"]
 
 
 def test_a_series_denoised_with_the_demo_weights_says_so_in_the_pacs(tmp_path):

@@ -122,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         noise_estimator=args.noise_estimator,
         anatomy=args.anatomy,
     )
+    if denoise is not None and getattr(pipeline.get("predictor"), "self_ensemble", False):
+        result.descriptions["clip"] += (
+            "; self-ensemble: the mean over each slice's 8 rotations and mirror images (--self-ensemble)"
+        )
     command = "ldct-clip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     with staged_output(args.output, overwrite=args.overwrite, is_dir=True) as staging:
         write_benchmark_report(result, staging, source=str(args.pairs), command=command)

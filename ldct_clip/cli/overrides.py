@@ -1,5 +1,5 @@
 """Command-line options that become bundle config overrides: the model options every command that runs the
-model shares (``--bundle``, ``--weights``, ``--device``, ``--batch``) and ``--set KEY=VALUE`` for any config
+model shares (``--bundle``, ``--weights``, ``--device``, ``--batch``, ``--self-ensemble``) and ``--set KEY=VALUE`` for any config
 id, as ``monai.bundle run --KEY VALUE`` would."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from ldct_clip.errors import InputError
 def add_model_options(
     parser: argparse.ArgumentParser, weights_help: str, bundle_help: str | None = None
 ) -> None:
-    """``--bundle``, ``--weights``, ``--device``, ``--batch`` (also ``--batch-size``) and ``--set``."""
+    """``--bundle``, ``--weights``, ``--device``, ``--batch`` (also ``--batch-size``), ``--self-ensemble`` and
+    ``--set``."""
     parser.add_argument(
         "--bundle",
         default=None,
@@ -32,6 +33,12 @@ def add_model_options(
         metavar="N",
         help="slices per forward pass (default: 2 on a CPU, 16 on a GPU); lowered, with a note, to what fits "
         "the memory budget (volume + 1.5 GB on a CPU, the free memory of a GPU)",
+    )
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="average the network over each slice's 8 rotations and mirror images (4 for non-square images): "
+        "a little more accurate, 8x the time (bundle config id self_ensemble; gains in benchmarks/README.md)",
     )
     add_set_option(parser)
 
@@ -50,6 +57,8 @@ def model_overrides(args: argparse.Namespace) -> dict:
         if not weights.is_file():
             raise InputError(f"weights file {args.weights} does not exist; check the path")
         values["ckpt_path"] = str(weights.resolve())
+    if args.self_ensemble:  # only when asked: otherwise the bundle's own default stands
+        values["self_ensemble"] = True
     values.update(parse_set_options(args.set))
     return values
 

@@ -33,6 +33,7 @@ def denoise_volume(
     backend: str = "auto",
     inplace: bool = False,
     progress: bool = True,
+    self_ensemble: bool = False,
 ) -> MetaTensor:
     """Denoise a CT volume in Hounsfield units, slice by slice; HU in, HU out.
 
@@ -59,6 +60,8 @@ def denoise_volume(
         inplace: overwrite ``volume_hu`` with the result (whole slices only) so that the volume is held in
             memory once.
         progress: tqdm bar over slices.
+        self_ensemble: average over each slice's rotated and mirrored views (:class:`SlicePredictor`):
+            better, and as many times slower as there are views (8 for square slices).
 
     Returns:
         MetaTensor of the input's shape (and leading channel), float32 HU, the input's affine and meta.
@@ -85,7 +88,7 @@ def denoise_volume(
         amp_dtype=resolve_amp(amp, compute_device),
         channels_last=default_channels_last(compute_device) if channels_last is None else channels_last,
     )
-    predictor = SlicePredictor(network, multiple=PAD_MULTIPLE)
+    predictor = SlicePredictor(network, multiple=PAD_MULTIPLE, self_ensemble=self_ensemble)
     inferer = CTSliceInferer(
         sw_batch_size=batch_size or default_batch_size(compute_device),
         axcodes=axcodes,
