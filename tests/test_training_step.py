@@ -65,6 +65,29 @@ def test_bf16_channels_last_step_autocasts_and_returns_float32():
     assert out32.dtype == torch.float32 and float((out32 - expected).abs().max()) < 1e-5
 
 
+def test_bf16_step_keeps_the_first_and_last_convs_in_float32_as_inference_does():
+    # Weights learn the numbers of the step they are trained with. The whole forward in bf16 rounded the
+    # step's output image to ~8 HU steps and the 1x1 conv's weights to bf16, and weights trained that way
+    # came out ~1.3 HU brighter in inference (CLIPDenoiser.infer: first and last in float32) than in training.
+    model = _tiny().eval()
+    dtypes = {}
+
+    def record(name):
+        return lambda module, inputs, output: dtypes.update({name: output.dtype})  # None: output kept
+
+    model.first.register_forward_hook(record("first"))
+    model.last.register_forward_hook(record("last"))
+    model.up_path[1].conv_block.block[0].register_forward_hook(record("decoder"))
+    x = torch.rand(2, 1, 48, 40) * 0.5
+    with torch.no_grad():
+        step = TrainingStepInferer("bf16", "contiguous")(x, model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inference = model.infer(x)
+    assert dtypes == {"first": torch.float32, "decoder": torch.bfloat16, "last": torch.float32}
+    assert not torch.equal(step, step.bfloat16().float())  # not a bf16 image cast back
+    assert float((step - inference).norm() / inference.norm()) < 1e-2  # bf16 rounding inside, same network
+
+
 def test_auto_measures_once_without_touching_the_run(monkeypatch):
     model = _tiny().train()  # feature augmentation draws noise, encoder BatchNorm updates its statistics
     twin = copy.deepcopy(model)

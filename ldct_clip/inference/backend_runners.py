@@ -62,8 +62,8 @@ def available_backends(device: str | torch.device = "cpu", amp_dtype: torch.dtyp
         if name in _CPU_ONLY and amp_dtype is not None:
             continue  # they run the float32 graph only
         if name in ("eager", "eager_nchw") and amp_dtype is not None:
-            # the plain forward under autocast rounds the output image to bf16: 0.06-0.19 dB of PSNR with
-            # the shipped weights; the inference ops keep the output conv in float32 (benchmarks/README.md)
+            # under autocast eager_infer computes the same numbers as the plain forward (both keep the
+            # first and last convs in float32) with less work around the convolutions
             continue
         if name == "inductor" and kind == "cpu" and os.environ.get("ONEDNN_MAX_CPU_ISA"):
             # with oneDNN's instruction set capped below the CPU's, inductor's prepacked convolutions

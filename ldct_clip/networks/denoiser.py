@@ -174,7 +174,10 @@ class CLIPDenoiser(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five encoder taps of a (B, C, H, W) input whose H, W are multiples of 16."""
         if hasattr(self, "first"):  # hasattr, not in_channels: TorchScript resolves it when compiling
-            x = self.first(x)
+            if torch.jit.is_scripting():
+                x = self.first(x)
+            else:
+                x = self._first_conv(x)
         if self.in_channels == 3 and not x.requires_grad:
             # Nothing before the frozen encoder learns: keeping its activations for backward is wasted memory.
             with torch.no_grad():
@@ -208,8 +211,30 @@ class CLIPDenoiser(nn.Module):
         taps = self.encode(padded)
         if self.training:
             taps = self.augment(taps)
-        y = self.last(self.decode(taps))
+        y = self.decode(taps)
+        if torch.jit.is_scripting():
+            y = self.last(y)
+        else:
+            y = self._output_conv(y)
         return y[..., :height, :width]
+
+    # Under autocast, ``first`` and ``last`` run in float32, as in :meth:`infer`, so that training computes
+    # what inference runs. In bf16 they round the input and output images to 8 bits of mantissa (~8 HU
+    # steps) and the 1x1 conv's three weights with them, a fixed gain error: weights trained that way
+    # came out 1.3-1.7 HU too bright in inference (benchmarks/README.md).
+    @torch.jit.unused
+    def _first_conv(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return self.first(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.first(x.float())
+
+    @torch.jit.unused
+    def _output_conv(self, y: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(y.device.type):
+            return self.last(y)
+        with torch.autocast(y.device.type, enabled=False):
+            return self.last(y.float())
 
     @torch.jit.unused
     def infer(self, x: torch.Tensor) -> torch.Tensor:
